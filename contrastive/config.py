@@ -1,0 +1,291 @@
+"""Typed run configuration: nested dataclasses, YAML files and strict `dotted.key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from contrastive.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override a user wrote is wrong."""
+
+
+@dataclass
+class DataConfig:
+    # Shard specs: brace expansion allowed, several sources joined with '::'.
+    train: str = ""
+    val: str = ""
+    # Sampling weight per '::' source of `train` (resampled mode); empty means equal weights.
+    train_weights: list[float] = field(default_factory=list)
+    # Resampled: infinite stream drawn with replacement. False: epoch-exact passes over the shards.
+    resampled: bool = True
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    image_key: str = "jpg;jpeg;png;webp"
+    caption_key: str = "txt"
+    # Per-rank prefetch factor for the DataLoader (batches per worker kept ready).
+    prefetch_factor: int = 4
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if any(w < 0 for w in self.train_weights):
+            raise ConfigError(f"data.train_weights must be non-negative, got {self.train_weights}")
+
+
+@dataclass
+class ModelConfig:
+    # An open_clip model config name (built-in, or one of ours under configs/models/).
+    name: str = "tiny-vit-32"
+    force_quick_gelu: bool = False
+    # FLIP patch dropout during training (fraction of patches dropped); None keeps the config's value.
+    patch_dropout: Optional[float] = None
+    # Train-time augmentation passed to open_clip's transforms (e.g. {scale: [0.8, 1.0]}).
+    aug: dict[str, Any] = field(default_factory=dict)
+    # Upper bound on the learnable logit scale, as exp(): CLIP clamps at 100.
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("model.name must name an open_clip model config, e.g. tiny-vit-32 or ViT-B-32")
+        if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        valid = ("infonce",)
+        if self.name not in valid:
+            raise ConfigError(f"loss.name must be one of {', '.join(valid)}; got {self.name!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    # The cosine schedule decays to lr * min_lr_ratio at train.steps.
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    # Global batch: summed over all ranks.
+    batch_size: int = 256
+    checkpoint_every: int = 500
+    # Checkpoints kept on disk; older ones are pruned.
+    keep_checkpoints: int = 2
+    # "", "latest", or a path to a checkpoint directory.
+    resume: str = ""
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class EvaluatorConfig:
+    # Plug-in name, see eval.registry (e.g. "zeroshot").
+    name: str = "zeroshot"
+    data: str = ""
+    # Label from this JSON field of each sample (e.g. "shape"); empty reads `.cls`.
+    label_field: str = ""
+    classes: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    # Result key in metrics (defaults to name/label_field).
+    tag: str = ""
+    max_samples: int = 0
+
+
+@dataclass
+class EvalConfig:
+    # Run the evaluators every N steps (0: only at the end of training).
+    every: int = 0
+    batch_size: int = 256
+    evaluators: list[EvaluatorConfig] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return merge(tp(), value, prefix=key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def merge(base: Any, updates: dict, prefix: str = "") -> Any:
+    """Return a copy of dataclass `base` with `updates` applied; unknown keys raise ConfigError."""
+    hints = typing.get_type_hints(type(base))
+    names = [f.name for f in dataclasses.fields(base)]
+    changes = {}
+    for key, value in updates.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}")
+        tp = hints[key]
+        if _is_dataclass_type(tp) and isinstance(value, dict):
+            changes[key] = merge(getattr(base, key), value, prefix=full)
+        else:
+            changes[key] = _coerce(value, tp, full)
+    try:
+        return dataclasses.replace(base, **changes)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls=Config) -> Any:
+    """Defaults <- YAML file <- overrides, merged strictly."""
+    cfg = cls()
+    if path is not None:
+        cfg = merge(cfg, load_yaml(path))
+    if overrides:
+        cfg = merge(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically), so a run records exactly what it ran."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

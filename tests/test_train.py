@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from contrastive.config import LossConfig, ModelConfig, OptimConfig, load_config
+from contrastive.losses import build_loss
+from contrastive.models import build_model, param_groups
+from contrastive.train import lr_lambda, train, train_step
+
+
+def test_steps_on_a_fixed_batch_lower_the_loss(synthetic_data):
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="tiny-vit-32"))
+    from contrastive.data import eval_samples, decode_image
+
+    samples = [s for _, s in zip(range(32), eval_samples(synthetic_data["train"]))]
+    images = torch.stack([bundle.preprocess_val(decode_image(s["jpg"])) for s in samples])
+    texts = bundle.tokenizer([s["txt"].decode() for s in samples])
+    opt = torch.optim.AdamW(param_groups(bundle.model, 0.0), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss_fn = build_loss(LossConfig())
+    losses = [train_step(bundle.model, (images, texts), loss_fn=loss_fn, optimizer=opt, scheduler=sched,
+                         grad_clip=1.0, max_logit_scale=100.0)["loss"].item() for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_logit_scale_is_clamped():
+    bundle = build_model(ModelConfig(name="tiny-vit-32", max_logit_scale=20.0))
+    with torch.no_grad():
+        bundle.model.logit_scale.fill_(10.0)
+    from contrastive.models import clamp_logit_scale
+
+    clamp_logit_scale(bundle.model, 20.0)
+    assert bundle.model.logit_scale.exp().item() == pytest.approx(20.0, rel=1e-5)
+
+
+def test_schedule_warms_up_then_decays():
+    f = lr_lambda(OptimConfig(warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_no_weight_decay_on_gains_biases_and_logit_scale():
+    model = build_model(ModelConfig(name="tiny-vit-32")).model
+    decay, no_decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any(n.endswith("ln_final.weight") for n in no_decay_names)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.2
+
+
+def test_end_to_end_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides)
+    run = tmp_path / "run"
+    record = train(cfg, run, progress=False)
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [2, 4, 6]
+    for key in ("step", "loss", "lr", "logit_scale", "samples_per_s"):
+        assert key in lines[0]
+    assert record["step"] == 6
+    assert (run / "config.yaml").is_file()
+    assert load_config(run / "config.yaml").train.steps == 6
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert list((run / "tensorboard").iterdir())
