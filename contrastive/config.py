@@ -53,6 +53,8 @@ class ModelConfig:
     aug: dict[str, Any] = field(default_factory=dict)
     # Upper bound on the learnable logit scale, as exp(): CLIP clamps at 100.
     max_logit_scale: float = 100.0
+    # Initial learnable logit bias (SigLIP uses -10); None builds a model without one.
+    init_logit_bias: Optional[float] = None
 
     def __post_init__(self):
         if not self.name:

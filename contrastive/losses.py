@@ -17,13 +17,14 @@ def _rank(group) -> int:
     return dist.get_rank(group)
 
 
-def infonce(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor, *,
-            group=None, label_smoothing: float = 0.0) -> torch.Tensor:
+def infonce(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor,
+            logit_bias: torch.Tensor | None = None, *, group=None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Symmetric CLIP InfoNCE with all-gathered negatives, local-loss form.
 
     Each rank scores its own B images against all G texts (and its B texts against all G images);
     the mean of the per-rank losses equals the single-process loss on the concatenated batch.
-    `logit_scale` is exp()'d already (the temperature's inverse), shape () or (1,).
+    `logit_scale` is exp()'d already (the temperature's inverse), shape () or (1,); `logit_bias` is unused
+    (InfoNCE is invariant to it) and accepted so every loss has the same signature.
     """
     image_GD = all_gather_with_grad(image_BD, group)
     text_GD = all_gather_with_grad(text_BD, group)

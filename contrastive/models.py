@@ -68,6 +68,8 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
         arch["vision_cfg"]["patch_dropout"] = cfg.patch_dropout
     # DeepSpeed cannot flatten 0-dim parameters (ZeRO views them as bytes), so keep logit scale/bias 1-D.
     arch["nonscalar_logit_scale"] = True
+    if cfg.init_logit_bias is not None:
+        arch["init_logit_bias"] = cfg.init_logit_bias
     model = _instantiate(arch)
 
     pp_dict = merge_preprocess_dict(PreprocessCfg(), {"size": arch["vision_cfg"].get("image_size", 224)})

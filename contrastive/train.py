@@ -35,7 +35,7 @@ def train_step(model, batch, *, loss_fn, optimizer, scheduler, grad_clip: float,
     """Forward, loss over the global batch, backward, update. Returns scalar tensors (read lazily)."""
     images, texts = batch
     out = model(images, texts)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], group=group)
+    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"), group=group)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
