@@ -53,6 +53,18 @@ def cmd_zeroshot(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- report
+
+def cmd_report(args) -> int:
+    from contrastive.report import render_report
+
+    result = render_report(args.run_dir, args.out)
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"{len(result['plots'])} plots; report: {result['html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastive", description=__doc__, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     zs.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many images (0: all)")
     zs.set_defaults(func=cmd_zeroshot)
+
+    rep = sub.add_parser("report", help="plots and a one-page HTML summary of a training run",
+                         formatter_class=_Formatter,
+                         description="Read RUN_DIR/metrics.jsonl, config.yaml and eval JSON files; write PNG plots "
+                                     "(loss, lr, logit scale, eval metrics, samples/s against steps and wall-clock) "
+                                     "and report.html linking them.")
+    rep.add_argument("run_dir", type=Path, help="run directory written by `contrastive train`")
+    rep.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
