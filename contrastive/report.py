@@ -199,9 +199,9 @@ def summarize(metrics: RunMetrics, config: dict) -> dict:
         speeds = [r["samples_per_s"] for r in train if _is_number(r.get("samples_per_s"))]
         if speeds:
             summary["mean samples/s"] = round(sum(speeds) / len(speeds), 1)
-        wait = sum(r["data_wait_s"] for r in train if _is_number(r.get("data_wait_s")))
-        if last["time_s"] > 0 and any("data_wait_s" in r for r in train):
-            summary["time waiting for data"] = f"{100 * wait / last['time_s']:.1f}%"
+        fraction = data_wait_fraction(train)
+        if fraction is not None:
+            summary["time waiting for data"] = f"{100 * fraction:.1f}%"
         summary["skipped samples"] = last.get("skipped_samples")
     for key in metrics.eval_keys:
         steps, _, values = _series(metrics.evals, key)
@@ -209,6 +209,24 @@ def summarize(metrics: RunMetrics, config: dict) -> dict:
         summary[f"{key} (final)"] = round(values[-1], 4)
         summary[f"{key} (best, step {steps[best]})"] = round(values[best], 4)
     return {k: v for k, v in summary.items() if v is not None}
+
+
+def data_wait_fraction(train: list[dict]) -> float | None:
+    """Share of training time spent waiting for batches. A record with `compute_s` logs per-step means of
+    data_wait_s and compute_s; an older one logs the window's total data_wait_s."""
+    wait = total = 0.0
+    prev_step, prev_time = 0, 0.0
+    for r in train:
+        d, c = r.get("data_wait_s"), r.get("compute_s")
+        steps, window_s = r["step"] - prev_step, r["time_s"] - prev_time
+        prev_step, prev_time = r["step"], r["time_s"]
+        if not _is_number(d):
+            continue
+        if _is_number(c):
+            wait, total = wait + d * steps, total + (d + c) * steps
+        elif window_s > 0:
+            wait, total = wait + d, total + window_s
+    return wait / total if total > 0 else None
 
 
 def _table(rows: list[tuple[str, object]]) -> str:

@@ -122,3 +122,16 @@ def test_cli_renders(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "5 plots" in out and str(tmp_path / "rep" / "report.html") in out
+
+
+def test_data_wait_share_reads_both_record_layouts():
+    from contrastive.report import data_wait_fraction
+
+    # Window totals (older loop): 1 s of waiting in each 4 s window.
+    old = [{"step": 10, "time_s": 4.0, "data_wait_s": 1.0}, {"step": 20, "time_s": 8.0, "data_wait_s": 1.0}]
+    assert data_wait_fraction(old) == pytest.approx(0.25)
+    # Per-step means: 10 steps of (0.1 wait + 0.3 compute), then 10 of (0.3 + 0.3).
+    new = [{"step": 10, "time_s": 4.0, "data_wait_s": 0.1, "compute_s": 0.3},
+           {"step": 20, "time_s": 10.0, "data_wait_s": 0.3, "compute_s": 0.3}]
+    assert data_wait_fraction(new) == pytest.approx((1.0 + 3.0) / (4.0 + 6.0))
+    assert data_wait_fraction([{"step": 1, "time_s": 1.0}]) is None
