@@ -1,0 +1,356 @@
+"""FAISS index over embeddings: chosen by size, nprobe tuned to a target recall, saved with its parameters.
+
+Exact inner-product search (IndexFlatIP) below `EXACT_MAX` vectors; above it IVF-Flat, or IVF-PQ when the raw
+vectors would pass a memory budget. On a machine where faiss sees a GPU the index is moved there with
+`index_cpu_to_gpu` (never HNSW, which faiss's GPU code does not run). Everything goes through faiss's standard
+API, so an index written here opens in any faiss program.
+
+Letters in names: N indexed vectors, Q queries, D embedding dim, K results per query.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from contrastive.errors import UserError
+
+INDEX_FILE = "image.index"
+PARAMS_FILE = "index.json"
+EXACT_MAX = 100_000
+# Sub-quantizer counts that faiss's GPU IVF-PQ supports; we only pick among these so an index moves to the GPU.
+GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
+_gpu_resources: list = []  # StandardGpuResources must outlive every index that uses them
+
+
+@dataclass
+class IndexSpec:
+    """Which index to build. kind: flat | ivf_flat | ivf_pq; nlist inverted lists; m PQ sub-quantizers."""
+
+    kind: str
+    nlist: int = 0
+    m: int = 0
+
+    def factory(self) -> str:
+        if self.kind == "flat":
+            return "Flat"
+        if self.kind == "ivf_flat":
+            return f"IVF{self.nlist},Flat"
+        return f"IVF{self.nlist},PQ{self.m}x8"
+
+
+@dataclass
+class IndexParams:
+    """What is saved beside the index (index.json); `nprobe` is applied again on load."""
+
+    type: str
+    factory: str
+    dim: int
+    count: int
+    metric: str = "inner_product"
+    nlist: int = 0
+    m: int = 0
+    nprobe: int = 0
+    recall_k: int = 10
+    target_recall: float = 0.0
+    measured_recall: float | None = None
+    tuning: list = field(default_factory=list)
+    build_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def default_nlist(num_vectors: int) -> int:
+    """The power of two nearest 4*sqrt(N) (faiss's guideline is 4..16 sqrt(N)), with >= 39 points per list."""
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_vectors))))
+    while nlist > 1 and num_vectors < 39 * nlist:
+        nlist //= 2
+    return max(1, nlist)
+
+
+def pq_subquantizers(dim: int) -> int:
+    """The most sub-quantizers the GPU supports that split `dim` into pieces of at least 4 dimensions."""
+    fitting = [m for m in GPU_PQ_SUBQUANTIZERS if dim % m == 0 and dim // m >= 4]
+    if not fitting:
+        raise UserError(f"no IVF-PQ layout for dimension {dim}; use --index-type flat or ivf_flat")
+    return max(fitting)
+
+
+def choose_spec(num_vectors: int, dim: int, *, kind: str = "auto", exact_max: int = EXACT_MAX,
+                max_flat_bytes: float = 16 * 2**30, nlist: int = 0) -> IndexSpec:
+    """Exact under `exact_max` vectors; IVF-Flat above while N*D float32 fits `max_flat_bytes`, else IVF-PQ."""
+    if kind not in KINDS:
+        raise UserError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        if num_vectors <= exact_max:
+            kind = "flat"
+        else:
+            kind = "ivf_flat" if num_vectors * dim * 4 <= max_flat_bytes else "ivf_pq"
+    if kind == "flat":
+        return IndexSpec("flat")
+    nlist = nlist or default_nlist(num_vectors)
+    if num_vectors < nlist:
+        raise UserError(f"an IVF index with {nlist} lists needs at least {nlist} vectors, got {num_vectors}")
+    return IndexSpec(kind, nlist=nlist, m=pq_subquantizers(dim) if kind == "ivf_pq" else 0)
+
+
+# ---------------------------------------------------------------- GPU
+
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees a GPU (faiss-cpu lacks the GPU symbols)."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def to_gpu(index):
+    """Move an index to GPU 0 when faiss sees one; on any failure (or without a GPU) the CPU index is returned."""
+    import faiss
+
+    if not gpu_available():
+        return index
+    try:
+        res = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16LookupTables = True  # IVF-PQ with many sub-quantizers needs it on the GPU
+        gpu_index = faiss.index_cpu_to_gpu(res, 0, index, options)
+    except Exception as e:  # e.g. an index type the GPU does not run
+        print(f"faiss: keeping the index on the CPU ({type(e).__name__}: {e})")
+        return index
+    _gpu_resources.append(res)
+    return gpu_index
+
+
+def to_cpu(index):
+    import faiss
+
+    if gpu_available() and "Gpu" in type(index).__name__:
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    """nprobe on a CPU or GPU IVF index (a no-op on a flat one)."""
+    import faiss
+
+    if nprobe <= 0:
+        return
+    if "Gpu" in type(index).__name__:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    elif faiss.try_extract_index_ivf(index) is not None:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+
+
+# ---------------------------------------------------------------- build and tune
+
+def _train_ivf(index, train_ND: np.ndarray, spec: IndexSpec, *, seed: int) -> None:
+    """Train the coarse quantizer (two-level k-means on the CPU for many lists, as faiss.contrib offers) and PQ."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    if spec.nlist >= 1024 and not gpu_available():
+        from faiss.contrib.clustering import two_level_clustering
+
+        # One level of k-means over nlist centroids costs N*nlist*D per iteration; two levels cost ~sqrt(nlist) less.
+        centroids, _ = two_level_clustering(train_ND, int(math.sqrt(spec.nlist)), spec.nlist, spherical=True,
+                                            seed=seed)
+        faiss.normalize_L2(centroids)
+        ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        ivf.quantizer.is_trained = True
+    ivf.cp.seed = seed
+    index.train(train_ND)  # skips the quantizer once it holds nlist centroids; trains PQ for IVF-PQ
+
+
+def build_index(vectors_ND: np.ndarray, spec: IndexSpec, *, seed: int = 0, add_batch: int = 262_144,
+                use_gpu: bool = True):
+    """A trained, filled faiss index for `vectors_ND` (float32, L2-normalised rows); on the GPU if there is one."""
+    import faiss
+
+    num, dim = vectors_ND.shape
+    index = faiss.index_factory(dim, spec.factory(), faiss.METRIC_INNER_PRODUCT)
+    if use_gpu:
+        index = to_gpu(index)
+    if spec.kind != "flat":
+        rng = np.random.default_rng(seed)
+        num_train = min(num, max(64 * spec.nlist, 2**16))
+        sample = np.sort(rng.choice(num, size=num_train, replace=False)) if num_train < num else np.arange(num)
+        _train_ivf(index, np.ascontiguousarray(vectors_ND[sample], dtype=np.float32), spec, seed=seed)
+    for start in range(0, num, add_batch):
+        index.add(np.ascontiguousarray(vectors_ND[start:start + add_batch], dtype=np.float32))
+    return index
+
+
+def exact_knn(queries_QD: np.ndarray, base_ND: np.ndarray, k: int, *, chunk: int = 4096):
+    """Exact inner-product top-k (faiss.knn, blocked over queries so memory stays O(chunk * N) at most)."""
+    import faiss
+
+    results_D, results_I = [], []
+    for start in range(0, len(queries_QD), chunk):
+        D, I = faiss.knn(np.ascontiguousarray(queries_QD[start:start + chunk], dtype=np.float32), base_ND, k,
+                         metric=faiss.METRIC_INNER_PRODUCT)
+        results_D.append(D)
+        results_I.append(I)
+    return np.concatenate(results_D), np.concatenate(results_I)
+
+
+def search_excluding(index, queries_QD: np.ndarray, k: int, exclude_Q: np.ndarray | None = None):
+    """Top-k (scores_QK, ids_QK) with id `exclude_Q[q]` (-1: none) dropped from query q's results.
+
+    Missing results (an IVF probe that found fewer than k) are id -1 with score -inf.
+    """
+    D, I = index.search(np.ascontiguousarray(queries_QD, dtype=np.float32), k + (exclude_Q is not None))
+    if exclude_Q is None:
+        return D, I
+    keep = _keep_mask(I, exclude_Q)
+    shape = (len(I), k)
+    return D[keep].reshape(shape), I[keep].reshape(shape)
+
+
+def _keep_mask(I_QK1: np.ndarray, exclude_Q) -> np.ndarray:
+    """Drop the excluded id where it appears in a row, else the row's last (k+1-th) result."""
+    exclude_Q = np.asarray(exclude_Q)[:, None]
+    keep = ~((I_QK1 == exclude_Q) & (exclude_Q >= 0))
+    keep[keep.all(axis=1), -1] = False
+    return keep
+
+
+def knn_recall(approx_I_QK: np.ndarray, exact_I_QK: np.ndarray) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k (faiss's k-NN intersection measure)."""
+    k = exact_I_QK.shape[1]
+    hits = sum(len(set(a[a >= 0]) & set(e)) for a, e in zip(approx_I_QK, exact_I_QK))
+    return hits / (k * len(exact_I_QK))
+
+
+def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: int = 10,
+                target: float = 0.95) -> dict:
+    """Smallest power-of-two nprobe whose recall@k against exact search reaches `target` on every query set.
+
+    query_sets: {name: (queries_QD, exclude_Q or None)}; a query drawn from the base excludes itself (its own
+    id), so recall is measured on true neighbours, not on finding the query. Returns {"nprobe", "recall",
+    "tuning": [{"nprobe", "recall": {name: r}, "qps"}]}; when no nprobe reaches the target, the best one.
+    """
+    truth = {name: search_excluding_exact(base_ND, q, k, ex) for name, (q, ex) in query_sets.items()}
+    table, best, stalled = [], None, 0
+    nprobe = 1
+    # Stop at the target, at nlist (exhaustive), or when two doublings in a row gain nothing (an IVF-PQ index
+    # plateaus at what its codes can resolve).
+    while nprobe <= nlist and stalled < 2:
+        set_nprobe(index, nprobe)
+        recalls, seconds, num_queries = {}, 0.0, 0
+        for name, (queries, exclude) in query_sets.items():
+            start = time.perf_counter()
+            _, I = search_excluding(index, queries, k, exclude)
+            seconds += time.perf_counter() - start
+            num_queries += len(queries)
+            recalls[name] = knn_recall(I, truth[name])
+        row = {"nprobe": nprobe, "recall": recalls, "qps": num_queries / max(seconds, 1e-9)}
+        table.append(row)
+        worst = min(recalls.values())
+        if best is None or worst > min(best["recall"].values()) + 1e-3:
+            best, stalled = row, 0
+        else:
+            stalled += 1
+        if worst >= target:
+            best = row
+            break
+        nprobe *= 2
+    set_nprobe(index, best["nprobe"])
+    return {"nprobe": best["nprobe"], "recall": min(best["recall"].values()), "tuning": table}
+
+
+def search_excluding_exact(base_ND: np.ndarray, queries_QD: np.ndarray, k: int, exclude_Q=None) -> np.ndarray:
+    """Exact top-k ids with the excluded id dropped (reference for tuning)."""
+    _, I = exact_knn(queries_QD, base_ND, k + (exclude_Q is not None))
+    if exclude_Q is None:
+        return I
+    return I[_keep_mask(I, exclude_Q)].reshape(len(I), k)
+
+
+def build_tuned_index(vectors_ND: np.ndarray, *, kind: str = "auto", exact_max: int = EXACT_MAX,
+                      max_flat_bytes: float = 16 * 2**30, nlist: int = 0, target_recall: float = 0.95,
+                      recall_k: int = 10, num_tune_queries: int = 1000, extra_queries_QD: np.ndarray | None = None,
+                      seed: int = 0, use_gpu: bool = True):
+    """Choose, build and (for IVF) tune an index. Returns (index, IndexParams).
+
+    Tuning queries: `num_tune_queries` vectors sampled from the indexed data (each excluding itself) and, when
+    given, as many of `extra_queries_QD` (e.g. text embeddings, the other side of text->image search).
+    """
+    start = time.perf_counter()
+    num, dim = vectors_ND.shape
+    spec = choose_spec(num, dim, kind=kind, exact_max=exact_max, max_flat_bytes=max_flat_bytes, nlist=nlist)
+    index = build_index(vectors_ND, spec, seed=seed, use_gpu=use_gpu)
+    params = IndexParams(type=spec.kind, factory=spec.factory(), dim=dim, count=num, nlist=spec.nlist, m=spec.m,
+                         recall_k=recall_k, target_recall=target_recall)
+    if spec.kind != "flat":
+        rng = np.random.default_rng(seed + 1)
+        ids = rng.choice(num, size=min(num_tune_queries, num), replace=False)
+        query_sets = {"indexed": (vectors_ND[ids].astype(np.float32), ids)}
+        if extra_queries_QD is not None and len(extra_queries_QD):
+            extra = rng.choice(len(extra_queries_QD), size=min(num_tune_queries, len(extra_queries_QD)),
+                               replace=False)
+            query_sets["extra"] = (extra_queries_QD[extra].astype(np.float32), None)
+        tuned = tune_nprobe(index, vectors_ND, query_sets, nlist=spec.nlist, k=recall_k,
+                            target=target_recall)
+        params.nprobe, params.measured_recall, params.tuning = tuned["nprobe"], tuned["recall"], tuned["tuning"]
+    else:
+        params.measured_recall = 1.0
+    params.build_seconds = round(time.perf_counter() - start, 3)
+    return index, params
+
+
+# ---------------------------------------------------------------- save and load
+
+def save_index(index, params: IndexParams, directory: str | Path) -> Path:
+    """Write the (CPU copy of the) index, then index.json: index.json last marks a complete directory."""
+    import faiss
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (INDEX_FILE + ".tmp")
+    faiss.write_index(to_cpu(index), str(tmp))
+    tmp.replace(directory / INDEX_FILE)
+    tmp_params = directory / (PARAMS_FILE + ".tmp")
+    tmp_params.write_text(json.dumps(asdict(params), indent=2))
+    tmp_params.replace(directory / PARAMS_FILE)
+    return directory / INDEX_FILE
+
+
+def read_params(directory: str | Path) -> IndexParams:
+    directory = Path(directory)
+    path = directory / PARAMS_FILE
+    if not directory.is_dir():
+        raise UserError(f"index directory {directory} does not exist; build it with `contrastive index`")
+    if not path.is_file():
+        raise UserError(f"index directory {directory} is incomplete (no {PARAMS_FILE}); "
+                        f"rebuild it with `contrastive index`")
+    try:
+        raw = json.loads(path.read_text())
+        return IndexParams(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"{path} is not a valid index parameter file ({e})") from None
+
+
+def load_index(directory: str | Path, *, use_gpu: bool = True):
+    """(faiss index with its tuned nprobe, on the GPU when there is one; IndexParams)."""
+    import faiss
+
+    directory = Path(directory)
+    params = read_params(directory)
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        raise UserError(f"index directory {directory} is incomplete (no {INDEX_FILE}); rebuild it")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise UserError(f"{path} cannot be read as a faiss index ({str(e).splitlines()[0]})") from None
+    if index.d != params.dim or index.ntotal != params.count:
+        raise UserError(f"{path} holds {index.ntotal} vectors of dimension {index.d}, but {PARAMS_FILE} says "
+                        f"{params.count} of dimension {params.dim}; rebuild the index")
+    if use_gpu:
+        index = to_gpu(index)
+    set_nprobe(index, params.nprobe)
+    return index, params

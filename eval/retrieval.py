@@ -1,0 +1,184 @@
+"""Image<->text retrieval Recall@K through FAISS, one chunk of queries at a time, never an N x M score matrix.
+
+Ties: a query counts as retrieved within the top k when fewer than k gallery items score strictly higher than
+its best true match (ties go to the true match, so the result does not depend on how a sort breaks them). That
+is `topk_scores[k-1] <= positive_score`: the k-th best score over the whole gallery, which faiss returns exactly
+whatever order it gives tied items, is at most the true match's score. Scores are float32 inner products.
+
+Letters in names: N images, M captions (each caption belongs to one image; an image may have several), Q
+queries in a chunk, D embedding dim, K the largest k asked for.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from contrastive.config import EvaluatorConfig
+from contrastive.errors import UserError
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def pair_scores(image_ND: np.ndarray, text_MD: np.ndarray, text_to_image_M: np.ndarray, *,
+                chunk: int = 65536) -> np.ndarray:
+    """Score of every caption with its own image, (M,) float32, computed row by row."""
+    scores = np.empty(len(text_MD), dtype=np.float32)
+    for start in range(0, len(text_MD), chunk):
+        t = np.asarray(text_MD[start:start + chunk], dtype=np.float32)
+        x = np.asarray(image_ND[text_to_image_M[start:start + chunk]], dtype=np.float32)
+        scores[start:start + chunk] = np.einsum("md,md->m", t, x)
+    return scores
+
+
+def _flat_index(gallery_ND: np.ndarray, use_gpu: bool):
+    import faiss
+
+    from eval.index import to_gpu
+
+    index = faiss.IndexFlatIP(gallery_ND.shape[1])
+    index.add(np.ascontiguousarray(gallery_ND, dtype=np.float32))
+    return to_gpu(index) if use_gpu else index
+
+
+def _chunked_hits(index, queries_QD: np.ndarray, positive_of, ks: tuple[int, ...], num_gallery: int, *,
+                  chunk_size: int) -> dict[int, int]:
+    """Count queries whose true match is within the top k, for each k; `positive_of(start, stop, D, I)` gives
+    each chunk query's best true-match score (float32), snapped to faiss's own value where faiss returned it."""
+    top = min(max(ks), num_gallery)
+    hits = {k: 0 for k in ks}
+    for start in range(0, len(queries_QD), chunk_size):
+        stop = min(start + chunk_size, len(queries_QD))
+        D, I = index.search(np.ascontiguousarray(queries_QD[start:stop], dtype=np.float32), top)
+        best = positive_of(start, stop, D, I)
+        for k in ks:
+            hits[k] += int((D[:, k - 1] <= best).sum()) if k <= num_gallery else stop - start
+    return hits
+
+
+def retrieval_recall(image_ND: np.ndarray, text_MD: np.ndarray, text_to_image_M: np.ndarray, *,
+                     ks: tuple[int, ...] = DEFAULT_KS, chunk_size: int = 4096, use_gpu: bool = True) -> dict:
+    """Recall@k both ways, in CLIP_benchmark's names.
+
+    image_retrieval_recall@k: text -> image (each caption finds its image among the N images).
+    text_retrieval_recall@k: image -> text (each image finds any of its captions among the M captions); images
+    without a caption are left out and counted in `num_images_without_caption`.
+    """
+    text_to_image_M = np.asarray(text_to_image_M, dtype=np.int64)
+    num_images, num_texts = len(image_ND), len(text_MD)
+    if num_images == 0 or num_texts == 0:
+        raise UserError("retrieval needs at least one image and one caption")
+    if len(text_to_image_M) != num_texts or text_to_image_M.min() < 0 or text_to_image_M.max() >= num_images:
+        raise UserError("every caption must name the index of its image (0..N-1)")
+    if min(ks) < 1:
+        raise UserError(f"recall ks must be >= 1, got {ks}")
+    ks = tuple(sorted(set(ks)))
+    pos_M = pair_scores(image_ND, text_MD, text_to_image_M)
+
+    # text -> image: one true match per caption.
+    def caption_positive(start, stop, D, I):
+        own = text_to_image_M[start:stop, None]
+        found = I == own
+        best = pos_M[start:stop].copy()
+        rows = found.any(axis=1)
+        best[rows] = np.where(found, D, -np.inf).max(axis=1)[rows]
+        return best
+
+    t2i = _chunked_hits(_flat_index(image_ND, use_gpu), text_MD, caption_positive, ks, num_images,
+                        chunk_size=chunk_size)
+
+    # image -> text: the best-scoring of the image's captions is its true match.
+    best_N = np.full(num_images, -np.inf, dtype=np.float32)
+    np.maximum.at(best_N, text_to_image_M, pos_M)
+    has_caption = np.isfinite(best_N)
+    image_ids = np.flatnonzero(has_caption)
+
+    def image_positive(start, stop, D, I):
+        own = image_ids[start:stop, None]
+        found = (I >= 0) & (text_to_image_M[np.maximum(I, 0)] == own)
+        best = best_N[image_ids[start:stop]].copy()
+        rows = found.any(axis=1)
+        best[rows] = np.where(found, D, -np.inf).max(axis=1)[rows]
+        return best
+
+    i2t = _chunked_hits(_flat_index(text_MD, use_gpu), np.asarray(image_ND)[image_ids] if len(image_ids) < num_images
+                        else image_ND, image_positive, ks, num_texts, chunk_size=chunk_size)
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = t2i[k] / num_texts
+        out[f"text_retrieval_recall@{k}"] = i2t[k] / max(1, len(image_ids))
+    out.update(num_images=num_images, num_texts=num_texts,
+               num_images_without_caption=int(num_images - len(image_ids)))
+    return out
+
+
+def captions_of(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Sample captions -> (flat caption list, caption -> sample index); a multi-line text is several captions,
+    as CLIP_benchmark's retrieval shards store them."""
+    flat, owner = [], []
+    for i, text in enumerate(texts):
+        for line in (text.splitlines() or [text]):
+            if line.strip():
+                flat.append(line.strip())
+                owner.append(i)
+    return flat, np.asarray(owner, dtype=np.int64)
+
+
+class RetrievalEvaluator:
+    """Plug-in for the training loop: image<->text Recall@1/5/10 on a captioned shard set (cfg.data)."""
+
+    def __init__(self, cfg: EvaluatorConfig, *, batch_size: int = 256):
+        from contrastive.data import expand_sources
+
+        if not cfg.data:
+            raise UserError("the retrieval evaluator needs `data` (a shard spec of image-caption pairs)")
+        expand_sources(cfg.data)
+        self.cfg, self.batch_size = cfg, batch_size
+        self.tag = cfg.tag or "retrieval"
+
+    def __call__(self, bundle) -> dict:
+        image_ND, text_MD, owner_M = embed_captioned(bundle, self.cfg.data, batch_size=self.batch_size,
+                                                     max_samples=self.cfg.max_samples)
+        metrics = retrieval_recall(image_ND, text_MD, owner_M)
+        return {k: v for k, v in metrics.items() if "recall@" in k}
+
+
+def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: int = 0):
+    """(image_ND, caption_MD, caption -> image index) for the first `max_samples` (0: all) readable samples."""
+    import torch
+
+    from contrastive.data import decode_image, eval_samples
+
+    model = bundle.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    images, texts, image_feats = [], [], []
+
+    def flush():
+        with torch.no_grad():
+            feats = model.encode_image(torch.stack(images).to(device), normalize=True)
+        image_feats.append(feats.float().cpu().numpy())
+        images.clear()
+
+    for sample in eval_samples(data):
+        if max_samples and len(texts) >= max_samples:
+            break
+        raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if raw is None or "txt" not in sample:
+            continue
+        try:
+            images.append(bundle.preprocess_val(decode_image(raw)))
+        except Exception:
+            continue
+        texts.append(sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"]))
+        if len(images) == batch_size:
+            flush()
+    if images:
+        flush()
+    if not texts:
+        raise UserError(f"no readable (image, caption) samples in {data}")
+    flat, owner = captions_of(texts)
+    with torch.no_grad():
+        text_feats = [model.encode_text(bundle.tokenizer(flat[s:s + batch_size]).to(device), normalize=True)
+                      .float().cpu().numpy() for s in range(0, len(flat), batch_size)]
+    model.train(was_training)
+    return np.concatenate(image_feats), np.concatenate(text_feats), owner
