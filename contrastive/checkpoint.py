@@ -1,4 +1,12 @@
-"""Checkpoints in the run directory: written atomically, pruned, found again by `latest`, loaded without pickles."""
+"""Checkpoints in the run directory: DeepSpeed state plus ours, published atomically, pruned, found by `latest`.
+
+Layout: RUN/checkpoints/step_XXXXXXXX/ holds DeepSpeed's files for that tag (module and ZeRO-partitioned
+optimizer states), `state.json` (step, time, counters; rank 0), `rank_NNNNN.json` (each rank's data position
+and RNG state), `model.json` (open_clip architecture + preprocess config) and `config.yaml` (the resolved run
+config). It is written under checkpoints/.incoming/ and moved into place only when complete, and
+RUN/checkpoints/latest is replaced atomically afterwards, so a run killed at any moment leaves the previous
+checkpoint intact. Nothing is unpickled on load beyond tensors and allow-listed DeepSpeed classes.
+"""
 from __future__ import annotations
 
 import json
@@ -8,20 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors.torch import load_file
 
 from contrastive.errors import UserError
 
 CKPT_DIR = "checkpoints"
+INCOMING = ".incoming"
 LATEST = "latest"
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # full weights (exports and consolidated checkpoints)
 ARCH_FILE = "model.json"  # open_clip architecture + preprocess config of the weights beside it
-STATE_FILE = "state.json"  # step, data position and other plain-JSON training state
+STATE_FILE = "state.json"  # step and other plain-JSON training state shared by all ranks
 CONFIG_FILE = "config.yaml"
+DS_MODEL_FILE = "mp_rank_00_model_states.pt"  # ZeRO 0-2; ZeRO-3 shards it per rank
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -30,43 +45,38 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_model_weights(model: torch.nn.Module, directory: Path, *, model_cfg: dict, preprocess_cfg: dict) -> None:
-    """Full weights as safetensors plus the architecture needed to rebuild the module."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / MODEL_FILE))
-    (directory / ARCH_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
-def publish_checkpoint(run_dir: Path, tmp_dir: Path, step: int, *, keep: int) -> Path:
-    """Move a fully written temporary checkpoint into place, point `latest` at it, prune old ones."""
-    ckpt_root = run_dir / CKPT_DIR
-    final = ckpt_root / checkpoint_name(step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp_dir, final)
-    atomic_write_text(ckpt_root / LATEST, final.name + "\n")
-    for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def save_checkpoint(engine, run_dir: Path, *, step: int, rank: int, shared_state: dict, rank_state: dict,
+                    config_yaml: str, model_cfg: dict, preprocess_cfg: dict, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the published checkpoint directory."""
+    root = run_dir / CKPT_DIR
+    incoming = root / INCOMING
+    tag = checkpoint_name(step)
+    if rank == 0:
+        shutil.rmtree(incoming / tag, ignore_errors=True)
+        incoming.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(str(incoming), tag=tag, save_latest=False)
+    atomic_write_text(incoming / tag / rank_file(rank), json.dumps(rank_state))
+    _barrier()
+    final = root / tag
+    if rank == 0:
+        staged = incoming / tag
+        (staged / ARCH_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+        (staged / CONFIG_FILE).write_text(config_yaml)
+        (staged / STATE_FILE).write_text(json.dumps(dict(shared_state, step=step), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        atomic_write_text(root / LATEST, tag + "\n")
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
-
-
-def new_checkpoint_dir(run_dir: Path, step: int) -> Path:
-    tmp = run_dir / CKPT_DIR / f".tmp_{checkpoint_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def save_training_checkpoint(run_dir: Path, *, step: int, model, optimizer, scheduler, state: dict,
-                             config_yaml: str, model_cfg: dict, preprocess_cfg: dict, keep: int) -> Path:
-    """Single-process checkpoint: weights (safetensors), optimizer/scheduler tensors (torch.save of tensors only)."""
-    tmp = new_checkpoint_dir(run_dir, step)
-    save_model_weights(model, tmp, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step), indent=2))
-    (tmp / CONFIG_FILE).write_text(config_yaml)
-    return publish_checkpoint(run_dir, tmp, step, keep=keep)
 
 
 def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -85,31 +95,81 @@ def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_training_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    model.load_state_dict(load_file(str(path / MODEL_FILE)))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return json.loads((path / STATE_FILE).read_text())
+def load_checkpoint(engine, path: Path, *, rank: int) -> tuple[dict, dict]:
+    """Collective: restore engine (weights, optimizer, LR schedule) from `path`; returns (shared, rank) state."""
+    rank_path = path / rank_file(rank)
+    if not rank_path.is_file():
+        raise UserError(f"checkpoint {path} has no state for rank {rank}: resume with the world size it was saved with")
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"DeepSpeed could not load checkpoint {path}")
+    return json.loads((path / STATE_FILE).read_text()), json.loads(rank_path.read_text())
+
+
+# ---------------------------------------------------------------- weights for inference and export
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / ARCH_FILE).is_file() and ((path / MODEL_FILE).is_file() or any(path.glob("*model_states.pt")))
 
 
 def find_weights(path: str | Path) -> Path:
-    """A run directory, a checkpoint directory, or a model.safetensors file -> the checkpoint directory."""
+    """A run directory (its latest checkpoint), a checkpoint directory, or a model.safetensors file -> a directory."""
     path = Path(path)
     if path.is_file() and path.name == MODEL_FILE:
         path = path.parent
     if not path.exists():
         raise UserError(f"--model {path} does not exist")
-    if (path / MODEL_FILE).is_file() and (path / ARCH_FILE).is_file():
+    if _is_checkpoint(path):
         return path
     pointer = path / CKPT_DIR / LATEST
     if pointer.is_file():
         ckpt = path / CKPT_DIR / pointer.read_text().strip()
-        if (ckpt / MODEL_FILE).is_file():
+        if _is_checkpoint(ckpt):
             return ckpt
     if (path / CONFIG_FILE).is_file():
         raise UserError(f"--model {path} is a run directory without checkpoints yet")
     raise UserError(f"--model {path} is not a run directory, a checkpoint or an exported model")
+
+
+class _SafeTorch:
+    """Stands in for the `torch` module inside DeepSpeed's zero_to_fp32 so its loads are weights-only."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        from contrastive.engine import safe_torch_load
+
+        return safe_torch_load(*args, **kwargs)
+
+
+def load_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint directory, consolidated from ZeRO partitions by DeepSpeed's zero_to_fp32."""
+    ckpt = Path(ckpt)
+    if (ckpt / MODEL_FILE).is_file():
+        return load_file(str(ckpt / MODEL_FILE))
+    if not any(ckpt.glob("*model_states.pt")):
+        raise UserError(f"{ckpt} holds no weights ({MODEL_FILE} or DeepSpeed's model states)")
+    if not any(ckpt.glob("*optim_states.pt")):
+        from contrastive.engine import safe_torch_load
+
+        module = safe_torch_load(ckpt / DS_MODEL_FILE)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    from deepspeed.utils import zero_to_fp32
+
+    original = zero_to_fp32.torch
+    zero_to_fp32.torch = _SafeTorch()
+    try:
+        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    finally:
+        zero_to_fp32.torch = original
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def load_arch(ckpt: str | Path) -> dict:
+    return json.loads((Path(ckpt) / ARCH_FILE).read_text())
 
 
 def load_for_inference(path: str | Path) -> tuple[Any, dict]:
@@ -118,10 +178,10 @@ def load_for_inference(path: str | Path) -> tuple[Any, dict]:
     from contrastive.models import build_model
 
     ckpt = find_weights(path)
-    arch = json.loads((ckpt / ARCH_FILE).read_text())
+    arch = load_arch(ckpt)
     bundle = build_model(ModelConfig(name="checkpoint"), model_cfg=arch["model_cfg"],
                          preprocess_cfg=arch.get("preprocess_cfg"))
-    missing, unexpected = bundle.model.load_state_dict(load_file(str(ckpt / MODEL_FILE)), strict=False)
+    missing, unexpected = bundle.model.load_state_dict(load_full_state_dict(ckpt), strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt} does not match its architecture "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,19 @@ from contrastive.errors import UserError
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets positionals (key=value overrides) come before, between and after options."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False):  # parse_known_intermixed_args calls back into us
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 # ---------------------------------------------------------------- prep
@@ -29,16 +43,86 @@ def cmd_prep_synthetic(args) -> int:
 
 # ---------------------------------------------------------------- train
 
+def _build_options(args):
+    import math
+
+    from data_prep.build import BuildOptions
+    from data_prep.images import ImageOptions
+
+    try:
+        image = ImageOptions(image_size=args.image_size, resize_mode=args.resize_mode, jpeg_quality=args.jpeg_quality,
+                             min_image_size=args.min_image_size,
+                             max_aspect_ratio=args.max_aspect_ratio if args.max_aspect_ratio > 0 else math.inf,
+                             max_pixels=args.max_pixels)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return BuildOptions(image=image, samples_per_shard=args.samples_per_shard, dedup=args.dedup)
+
+
+def _print_prep_summary(summary: dict, out_dir: Path) -> None:
+    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
+    converted = ", ".join(f"{k}={v}" for k, v in summary["converted"].items()) or "none"
+    print(f"{summary['num_samples']} samples from {summary['num_inputs']} inputs in {summary['num_shards']} shards "
+          f"({summary['shards_written']} written, {summary['shards_kept']} kept from an earlier run)")
+    print(f"skipped: {skipped}")
+    print(f"converted: {converted}")
+    print(f"summary: {out_dir / 'prep.json'}")
+
+
+def cmd_prep_pairs(args) -> int:
+    from data_prep.pairs import prep_pairs
+
+    summary = prep_pairs(args.input, args.out_dir, opts=_build_options(args), image_column=args.image_column,
+                         caption_column=args.caption_column, image_root=args.image_root, num_procs=args.num_procs)
+    _print_prep_summary(summary, args.out_dir)
+    print(f"shards: {args.out_dir}/{{00000..{summary['num_shards'] - 1:05d}}}.tar")
+    return 0
+
+
+def cmd_prep_imagefolder(args) -> int:
+    from data_prep.imagefolder import prep_imagefolder
+
+    summary = prep_imagefolder(args.root, args.out_dir, opts=_build_options(args), split=args.split,
+                               templates_file=args.templates, classnames_file=args.classnames,
+                               num_procs=args.num_procs)
+    _print_prep_summary(summary, args.out_dir / args.split)
+    print(f"shards: {args.out_dir / args.split}/{{00000..{summary['num_shards'] - 1:05d}}}.tar "
+          f"({summary['classes']} classes in {args.out_dir / 'classnames.txt'})")
+    return 0
+
+
+def _add_image_options(parser) -> None:
+    """Options shared by `prep pairs` and `prep imagefolder` (img2dataset's names and defaults)."""
+    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels after resizing")
+    parser.add_argument("--resize-mode", default="border", choices=("no", "border", "keep_ratio", "center_crop"),
+                        help="no: keep the size; border: fit the longer side and pad to a square; keep_ratio: "
+                             "fit the shorter side; center_crop: fit the shorter side and crop a square")
+    parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the stored images")
+    parser.add_argument("--samples-per-shard", type=int, default=10000, help="inputs per shard (at most 10000)")
+    parser.add_argument("--min-image-size", type=int, default=0, help="skip images whose shorter side is smaller")
+    parser.add_argument("--max-aspect-ratio", type=float, default=0,
+                        help="skip images with long side / short side above this (0: no limit)")
+    parser.add_argument("--max-pixels", type=int, default=100_000_000,
+                        help="skip images with more pixels than this (after reduced-size JPEG decoding)")
+    parser.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
+                        help="skip inputs whose image bytes equal an earlier input's")
+    parser.add_argument("--num-procs", type=int, default=None, help="worker processes (default: all cores)")
+
+
 def cmd_train(args) -> int:
     from contrastive.config import load_config
     from contrastive.train import train
 
+    from contrastive.train import EXIT_PREEMPTED
+
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    record = train(cfg, run_dir)
-    print(json.dumps(record, indent=2))
-    print(f"run directory: {run_dir}")
-    return 0
+    result = train(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.record, indent=2))
+        status = "stopped early on request (resume with train.resume=latest)" if result.preempted else "finished"
+        print(f"{status} at step {result.step}; run directory: {run_dir}")
+    return EXIT_PREEMPTED if result.preempted else 0
 
 
 # ---------------------------------------------------------------- zeroshot
@@ -65,6 +149,49 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- slurm
+
+def cmd_slurm_submit(args) -> int:
+    from contrastive.slurm import JobRequest, submit
+
+    req = JobRequest(config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, launcher=args.launcher,
+                     partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+                     job_name=args.job_name, run_dir=args.out, signal_s=args.signal_seconds,
+                     max_restarts=args.max_restarts, sbatch_args=args.sbatch_arg, env=args.env)
+    sub = submit(req, dry_run=args.dry_run)
+    notes = sub.plan.notes + ([] if sub.cluster_checked else ["no Slurm commands here: checked the config only"])
+    if args.dry_run:
+        print(sub.script, end="")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print("dry run: nothing written, nothing submitted", file=sys.stderr)
+        return 0
+    for note in notes:
+        print(f"note: {note}")
+    run = sub.plan.run_dir
+    print(f"submitted job {sub.job_id}; run directory: {run}")
+    print(f"job log: {run}/logs/slurm-{sub.job_id}.out; per-rank logs: {run}/logs/job-{sub.job_id}-run*/")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+def cmd_export(args) -> int:
+    from contrastive.export import export
+
+    summary = export(args.model, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite, data=args.data,
+                     batch_size=args.batch_size, rows_per_file=args.rows_per_file, check=not args.no_check)
+    if summary.get("check_max_abs_diff") is not None:
+        print(f"checked: max abs difference of normalised embeddings vs the model {summary['check_max_abs_diff']:.2e}")
+    if args.format == "embeddings":
+        print(f"{summary['num_samples']} samples embedded ({summary['num_skipped']} skipped), "
+              f"dim {summary['dim']}, {len(summary['parts'])} part(s)")
+    print(f"{args.format} export: {summary['out']} (model card: {summary['out']}/README.md, "
+          f"summary: {summary['out']}/export.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastive", description=__doc__, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +207,43 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     syn.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     syn.set_defaults(func=cmd_prep_synthetic)
+
+    pairs = prep_sub.add_parser(
+        "pairs", help="image-caption pairs from a folder, a table or a tar", formatter_class=_Formatter,
+        description="INPUT is a folder of images with a sidecar caption each (a.jpg + a.txt [+ a.json]), a "
+                    "CSV/TSV/JSONL/Parquet table with an image-path and a caption column (other columns go into "
+                    "each sample's JSON), or a tar of such pairs. Writes img2dataset-style shards into OUT_DIR; "
+                    "re-running the same command keeps finished shards.")
+    pairs.add_argument("input", type=Path, help="folder, table (.csv .tsv .jsonl .parquet) or tar")
+    pairs.add_argument("out_dir", type=Path, help="output folder for the shards")
+    pairs.add_argument("--image-column", default=None,
+                       help="table column with image paths (default: the first of filepath, image_path, image, "
+                            "path, file, filename, url)")
+    pairs.add_argument("--caption-column", default=None,
+                       help="table column with captions (default: the first of caption, title, text, txt, alt)")
+    pairs.add_argument("--image-root", type=Path, default=None,
+                       help="folder that relative image paths of a table start from (default: the table's folder)")
+    _add_image_options(pairs)
+    pairs.set_defaults(func=cmd_prep_pairs)
+
+    folder = prep_sub.add_parser(
+        "imagefolder", help="a classification set (one folder per class) as captioned, labelled shards",
+        formatter_class=_Formatter,
+        description="ROOT holds one folder per class (or is a tar of such a folder). Each image gets a caption "
+                    "from a template with its class name, and a .cls label; OUT_DIR gets classnames.txt and "
+                    "zeroshot_classification_templates.txt (CLIP_benchmark's WebDataset layout), and the shards "
+                    "go into OUT_DIR/SPLIT. Training and `contrastive zeroshot` read the result.")
+    folder.add_argument("root", type=Path, help="folder of class folders, or a tar of one")
+    folder.add_argument("out_dir", type=Path, help="output folder of the set")
+    folder.add_argument("--templates", type=Path, default=None,
+                        help="file with one caption template per line containing {c} (default: 14 built-in "
+                             "photo templates)")
+    folder.add_argument("--classnames", type=Path, default=None,
+                        help="file with one class name per line, in the sorted order of the class folders "
+                             "(default: folder names with _ as spaces)")
+    folder.add_argument("--split", default="train", help="sub-folder of OUT_DIR for the shards (train, test, ...)")
+    _add_image_options(folder)
+    folder.set_defaults(func=cmd_prep_imagefolder)
 
     tr = sub.add_parser("train", help="train a dual encoder", formatter_class=_Formatter,
                         description="Train from a YAML config; override any key as dotted.key=value.")
@@ -112,6 +276,66 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", type=Path, help="run directory written by `contrastive train`")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
     rep.set_defaults(func=cmd_report)
+
+    sl = sub.add_parser("slurm", help="run training as a Slurm job (multi-node, preemptible)", formatter_class=_Formatter)
+    sl_sub = sl.add_subparsers(dest="slurm_command", required=True, parser_class=_IntermixedParser)
+    sb = sl_sub.add_parser(
+        "submit", help="check, render and submit slurm/train.sbatch", formatter_class=_Formatter,
+        description="Resolve CONFIG with the overrides, check the request against the config and the cluster, "
+                    "write the resolved config and git version into RUN_DIR/slurm/, render slurm/train.sbatch "
+                    "and sbatch it. The job checkpoints and requeues itself on USR1 (sent --signal-seconds before "
+                    "the time limit) and continues with train.resume=latest.")
+    sb.add_argument("config", type=Path, help="YAML run config, e.g. configs/demo.yaml")
+    sb.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 deepspeed.zero_stage=2")
+    sb.add_argument("--nodes", type=int, default=1, help="nodes")
+    sb.add_argument("--gpus-per-node", type=int, required=True,
+                    help="GPUs per node, one training process each; 0 for a CPU job (see --tasks-per-node)")
+    sb.add_argument("--tasks-per-node", type=int, default=0,
+                    help="training processes per node in a CPU job (0: 1); with GPUs it is --gpus-per-node")
+    sb.add_argument("--cpus-per-task", type=int, default=0,
+                    help="CPUs per training process (0: data.num_workers + 1)")
+    sb.add_argument("--launcher", choices=("srun", "torchrun"), default="srun",
+                    help="srun: one Slurm task per process; torchrun: one torchrun per node spawning them")
+    sb.add_argument("--partition", default="", help="partition (default: the cluster's default partition)")
+    sb.add_argument("--time", default="", help="time limit, e.g. 2-00:00:00 (default: the partition's)")
+    sb.add_argument("--account", default="", help="account to charge")
+    sb.add_argument("--qos", default="", help="quality of service")
+    sb.add_argument("--job-name", default="", help="job name (default: contrastive-<run directory name>)")
+    sb.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<config name>)")
+    sb.add_argument("--signal-seconds", type=int, default=300,
+                    help="Slurm sends USR1 this long before the time limit: time to finish a step and checkpoint")
+    sb.add_argument("--max-restarts", type=int, default=20, help="requeue at most this many times")
+    sb.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                    help="extra sbatch option, repeatable, e.g. --sbatch-arg=--exclusive")
+    sb.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment variable for the job, repeatable, e.g. --env NCCL_DEBUG=WARN")
+    sb.add_argument("--dry-run", action="store_true", help="print the job script and check it; submit nothing")
+    sb.set_defaults(func=cmd_slurm_submit)
+
+    ex = sub.add_parser(
+        "export", help="export a trained model: open_clip, transformers CLIPModel, ONNX or embeddings",
+        formatter_class=_Formatter,
+        description="Write a trained model where other tools load it unchanged, with a README.md model card.\n"
+                    "  open_clip:  open_clip.create_model_and_transforms('local-dir:OUT'), get_tokenizer('local-dir:OUT')\n"
+                    "  hf:         transformers CLIPModel / CLIPProcessor .from_pretrained(OUT) (ViT + text transformer)\n"
+                    "  onnx:       image_encoder.onnx and text_encoder.onnx, dynamic batch, checked with onnxruntime\n"
+                    "  embeddings: image and caption embeddings of --data in clip-retrieval's layout (float16)")
+    ex.add_argument("--model", required=True,
+                    help="run directory (its latest checkpoint), checkpoint directory (ZeRO-sharded or not) "
+                         "or an open_clip export")
+    ex.add_argument("--format", required=True, choices=("open_clip", "hf", "embeddings", "onnx"), help="what to write")
+    ex.add_argument("--out", required=True, help="output directory; must be new or empty unless --overwrite")
+    ex.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                    help="weights dtype (open_clip, hf, onnx); embeddings are always float16")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace a non-empty --out (only once the new export is complete)")
+    ex.add_argument("--data", default=None, help="--format embeddings: WebDataset shards, e.g. data/{00000..00009}.tar")
+    ex.add_argument("--batch-size", type=int, default=256, help="--format embeddings: samples per forward pass")
+    ex.add_argument("--rows-per-file", type=int, default=1_000_000,
+                    help="--format embeddings: rows per img_emb_N/text_emb_N/metadata_N part")
+    ex.add_argument("--no-check", action="store_true",
+                    help="skip loading the export back and comparing its embeddings with the model")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 

@@ -22,9 +22,10 @@ class DataConfig:
     # Shard specs: brace expansion allowed, several sources joined with '::'.
     train: str = ""
     val: str = ""
-    # Sampling weight per '::' source of `train` (resampled mode); empty means equal weights.
+    # Share of training samples drawn from each '::' source of `train` (resampled mode only), normalised;
+    # empty: sources in proportion to their sizes (every sample equally likely).
     train_weights: list[float] = field(default_factory=list)
-    # Resampled: infinite stream drawn with replacement. False: epoch-exact passes over the shards.
+    # Resampled: infinite stream drawn with replacement. False: epoch-exact, every sample once per epoch.
     resampled: bool = True
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -32,6 +33,12 @@ class DataConfig:
     caption_key: str = "txt"
     # Per-rank prefetch factor for the DataLoader (batches per worker kept ready).
     prefetch_factor: int = 4
+    # Each stream reads blocks of whole shard ranges of at least this many samples; the shuffle buffer mixes
+    # within a block, and a resume re-reads (without decoding) at most one block. 0: 10 x shuffle_buffer, >= 1000.
+    block_samples: int = 0
+    # Decode JPEGs at reduced size when the first resize would shrink them 2x or more, and fuse ToTensor with
+    # Normalize (see contrastive/data.py); false runs the model's open_clip transform exactly as built.
+    fast_decode: bool = True
 
     def __post_init__(self):
         if self.num_workers < 0:
@@ -40,6 +47,12 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if any(w < 0 for w in self.train_weights):
             raise ConfigError(f"data.train_weights must be non-negative, got {self.train_weights}")
+        if self.train_weights and not any(self.train_weights):
+            raise ConfigError("data.train_weights are all zero: give at least one source a positive weight")
+        if self.block_samples < 0:
+            raise ConfigError(f"data.block_samples must be >= 0, got {self.block_samples}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
 
 @dataclass
@@ -55,6 +68,8 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     # Initial learnable logit bias (SigLIP uses -10); None builds a model without one.
     init_logit_bias: Optional[float] = None
+    # Activation checkpointing of the transformer blocks (recompute in backward to save memory).
+    grad_checkpointing: bool = False
 
     def __post_init__(self):
         if not self.name:
@@ -65,15 +80,26 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    # infonce: CLIP's softmax loss with all-gathered negatives (holds a local x global logits matrix).
+    # infonce_tiled: the same loss and gradients, computed tile by tile (memory linear in the global batch).
+    # siglip: sigmoid loss over all pairs; needs model.init_logit_bias (SigLIP uses -10).
     name: str = "infonce"
+    # InfoNCE losses only: the weight spread uniformly over all targets, as in torch's cross_entropy.
     label_smoothing: float = 0.0
+    # infonce_tiled: rows and columns of one tile of logits; memory per tile is tile_size**2 floats.
+    tile_size: int = 2048
 
     def __post_init__(self):
-        valid = ("infonce",)
+        valid = ("infonce", "infonce_tiled", "siglip")
         if self.name not in valid:
             raise ConfigError(f"loss.name must be one of {', '.join(valid)}; got {self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label_smoothing and self.name == "siglip":
+            raise ConfigError("loss.label_smoothing applies to infonce and infonce_tiled, not siglip "
+                              "(each sigmoid pair has its own binary label); set it to 0")
+        if self.tile_size <= 0:
+            raise ConfigError(f"loss.tile_size must be > 0, got {self.tile_size}")
 
 
 @dataclass
@@ -87,8 +113,18 @@ class OptimConfig:
     # The cosine schedule decays to lr * min_lr_ratio at train.steps.
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    # Regexes on parameter names; matching parameters are frozen (no gradient, no optimizer state), e.g.
+    # ["^visual\\."] locks the image tower (LiT).
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        import re
+
+        for pattern in self.freeze:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"optim.freeze pattern {pattern!r} is not a valid regex: {e}") from None
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -107,11 +143,21 @@ class TrainConfig:
     resume: str = ""
     seed: int = 0
     log_every: int = 10
+    # Split each step's global batch into this many micro-batches per rank; negatives still span the whole
+    # global batch (features are cached without grad, then recomputed per micro-batch, as in GradCache).
+    accum_steps: int = 1
+    # Stop (with a checkpoint) once this much wall-clock time has passed; 0 means no limit.
+    max_time_s: float = 0.0
+    # Non-finite losses skip their update; this many in a row stop the run.
+    max_nonfinite_in_a_row: int = 5
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "accum_steps",
+                     "max_nonfinite_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by train.accum_steps={self.accum_steps}")
 
 
 @dataclass
@@ -137,6 +183,22 @@ class EvalConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Maps onto a DeepSpeed config; the batch sizes, optimizer and clipping come from train/optim."""
+
+    zero_stage: int = 0
+    precision: str = "fp32"
+    # Further DeepSpeed config keys, deep-merged over the derived config (e.g. {zero_optimization: {overlap_comm: true}}).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"deepspeed.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +206,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 def _is_dataclass_type(tp) -> bool:
@@ -246,7 +309,9 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if raw.lstrip().startswith(("[", "{")):
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
             value = raw
         node = tree
         parts = key.split(".")

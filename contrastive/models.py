@@ -118,14 +118,6 @@ def embed_dim(model: nn.Module) -> int:
                else model.visual.output_dim)
 
 
-def clamp_logit_scale(model: nn.Module, max_scale: float) -> None:
-    """CLIP clamps the learnable temperature so exp(logit_scale) never exceeds `max_scale`."""
-    import math
-
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(max_scale))
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on gains, biases, embeddings of positions and the logit scale/bias."""
     decay, no_decay = [], []

@@ -1,21 +1,38 @@
-"""The training step and the loop that schedules logging, checkpoints and evaluation around it."""
+"""The training step and the loop that schedules logging, checkpoints, evaluation and preemption around it.
+
+Launch with `contrastive train` directly (1 rank), `torchrun --nproc_per_node N -m contrastive.cli train ...`,
+the `deepspeed` launcher, or Slurm's `srun` (ranks from the environment; see engine.init_distributed).
+SIGTERM or SIGUSR1 make the run checkpoint at the next step boundary and exit with EXIT_PREEMPTED, so a
+scheduler can requeue it and `train.resume=latest` continues exactly where it stopped.
+"""
 from __future__ import annotations
 
 import math
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from contrastive import checkpoint
 from contrastive.config import Config, OptimConfig, save_config, to_dict
 from contrastive.data import TrainLoader
-from contrastive.distributed import WorldInfo, all_reduce_mean
+from contrastive.errors import UserError
 from contrastive.evaluators import build_evaluators, run_evaluators
 from contrastive.losses import build_loss
 from contrastive.metrics import MetricsLogger
-from contrastive.models import build_model, clamp_logit_scale, param_groups
+from contrastive.models import build_model
+
+# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry" - the run saved a checkpoint
+# because it was asked to stop (SIGTERM/SIGUSR1) and can be resumed with train.resume=latest.
+EXIT_PREEMPTED = 75
+
+
+class TrainingDiverged(UserError):
+    pass
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -30,91 +47,205 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
-def train_step(model, batch, *, loss_fn, optimizer, scheduler, grad_clip: float, max_logit_scale: float,
+def _agree(loss: torch.Tensor, stop: bool, group=None) -> tuple[float, bool]:
+    """One all-reduce per step: the mean loss over ranks, and whether any rank was asked to stop."""
+    flags = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)]).cpu()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flags, group=group)
+        flags[0] /= dist.get_world_size(group)
+    return flags[0].item(), bool(flags[1].item() > 0)
+
+
+def _loss(loss_fn, out: dict, group, max_logit_scale: float, image_BD=None, text_BD=None, logit_scale=None):
+    """The loss in fp32. The logit scale is clamped here (CLIP's cap of 100), not on the parameter after the
+    step: under ZeRO the optimizer's fp32 master copy would overwrite a clamp of the module's parameter."""
+    scale = (out["logit_scale"] if logit_scale is None else logit_scale).float().clamp(max=max_logit_scale)
+    return loss_fn((out["image_features"] if image_BD is None else image_BD).float(),
+                   (out["text_features"] if text_BD is None else text_BD).float(), scale,
+                   None if out.get("logit_bias") is None else out["logit_bias"].float(), group=group)
+
+
+def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_steps: int = 1, stop: bool = False,
                group=None) -> dict:
-    """Forward, loss over the global batch, backward, update. Returns scalar tensors (read lazily)."""
+    """Forward, loss over the global batch, backward, update; skips the update if the loss is not finite.
+
+    With accum_steps > 1 the rank's batch is split into micro-batches: features of all of them are computed
+    without grad, then each micro-batch is recomputed with grad and its loss taken against the cached
+    features of the others (GradCache), so negatives span the whole accumulated global batch and the summed
+    gradients equal those of one big step. The logit scale/bias get their gradient from one micro-step only.
+    """
     images, texts = batch
-    out = model(images, texts)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"), group=group)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    clamp_logit_scale(model, max_logit_scale)
-    return {"loss": loss.detach(), "logit_scale": out["logit_scale"].detach().reshape(())}
+    if accum_steps == 1:
+        out = engine(images, texts)
+        loss = _loss(loss_fn, out, group, max_logit_scale)
+        loss_global, stop_any = _agree(loss, stop, group)
+        if math.isfinite(loss_global):
+            engine.backward(loss)
+            engine.step()
+        return {"loss": loss_global, "updated": math.isfinite(loss_global), "stop": stop_any,
+                "logit_scale": out["logit_scale"].detach().float().reshape(()).clamp(max=max_logit_scale)}
+
+    chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
+    rng_states, cached = [], []
+    with torch.no_grad():
+        for img, txt in chunks:
+            rng_states.append(torch.get_rng_state())
+            out = engine(img, txt)
+            cached.append((out["image_features"], out["text_features"]))
+    after = torch.get_rng_state()
+    loss_global, stop_any = None, stop
+    for j, (img, txt) in enumerate(chunks):
+        torch.set_rng_state(rng_states[j])  # same dropout/patch-dropout draw as the cached forward
+        out = engine(img, txt)
+        image_BD = torch.cat([out["image_features"] if i == j else c[0] for i, c in enumerate(cached)])
+        text_BD = torch.cat([out["text_features"] if i == j else c[1] for i, c in enumerate(cached)])
+        scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
+        if j > 0 and out.get("logit_bias") is not None:
+            out = dict(out, logit_bias=out["logit_bias"].detach())
+        loss = _loss(loss_fn, out, group, max_logit_scale, image_BD, text_BD, scale)
+        if j == 0:
+            loss_global, stop_any = _agree(loss, stop, group)
+            if not math.isfinite(loss_global):
+                break
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+    torch.set_rng_state(after)
+    return {"loss": loss_global, "updated": math.isfinite(loss_global), "stop": stop_any,
+            "logit_scale": out["logit_scale"].detach().float().reshape(()).clamp(max=max_logit_scale)}
 
 
-def train(cfg: Config, run_dir: Path, *, world: WorldInfo | None = None, progress: bool = True) -> dict:
-    """Train per `cfg` into `run_dir`; returns the final metrics record (with eval results)."""
+class _StopRequest:
+    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class TrainResult:
+    record: dict
+    step: int
+    preempted: bool = False
+
+
+def train(cfg: Config, run_dir: Path, *, progress: bool = True) -> TrainResult:
+    """Train per `cfg` into `run_dir` on the ranks of the environment (1 if none)."""
     from tqdm import tqdm
 
-    world = world or WorldInfo()
+    from contrastive.engine import build_engine, device_for, freeze, init_distributed
+
+    world = init_distributed()
+    device = device_for(world)
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         save_config(cfg, run_dir / checkpoint.CONFIG_FILE)
-    torch.manual_seed(cfg.train.seed)
-    if cfg.train.batch_size % world.world_size:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world.world_size} ranks")
-    batch_per_rank = cfg.train.batch_size // world.world_size
-
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     bundle = build_model(cfg.model)
-    model = bundle.model.train()
+    freeze(bundle.model, cfg.optim.freeze)
+    engine, scheduler = build_engine(bundle.model.to(device), cfg, world, lr_lambda(cfg.optim, cfg.train.steps))
+    bundle.model = engine.module
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     loader = TrainLoader(cfg.data, preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer,
-                         batch_size_per_rank=batch_per_rank, seed=cfg.train.seed, world=world)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
+                         batch_size_per_rank=cfg.train.batch_size // world.world_size, seed=cfg.train.seed,
+                         world=world)
     loss_fn = build_loss(cfg.loss)
     evaluators = build_evaluators(cfg.eval)
     logger = MetricsLogger(run_dir, enabled=world.is_main)
 
-    step = 0
+    step, elapsed_before, nonfinite_total = 0, 0.0, 0
     resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
     if resume_from is not None:
-        state = checkpoint.load_training_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
-        step = state["step"]
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        shared, mine = checkpoint.load_checkpoint(engine, resume_from, rank=world.rank)
+        step, elapsed_before, nonfinite_total = shared["step"], shared["time_s"], shared["nonfinite_skips"]
+        loader.load_state_dict(mine["loader"])
+        torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
         logger.truncate_after(step)
+    else:
+        torch.manual_seed(cfg.train.seed * 1000 + world.rank)  # per-rank dropout draws
+    start = time.perf_counter()
 
-    def save(at_step: int) -> None:
-        checkpoint.save_training_checkpoint(
-            run_dir, step=at_step, model=model, optimizer=optimizer, scheduler=scheduler,
-            state={"loader": loader.state_dict(), "torch_rng": torch.get_rng_state().tolist()},
-            config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False),
-            model_cfg=bundle.model_cfg, preprocess_cfg=bundle.preprocess_cfg, keep=cfg.train.keep_checkpoints)
+    def save(at_step: int) -> Path:
+        return checkpoint.save_checkpoint(
+            engine, run_dir, step=at_step, rank=world.rank,
+            shared_state={"time_s": elapsed_before + time.perf_counter() - start, "nonfinite_skips": nonfinite_total,
+                          "zero_stage": cfg.deepspeed.zero_stage, "world_size": world.world_size},
+            rank_state={"loader": loader.state_dict(), "torch_rng": torch.get_rng_state().tolist()},
+            config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), model_cfg=bundle.model_cfg,
+            preprocess_cfg=bundle.preprocess_cfg, keep=cfg.train.keep_checkpoints)
 
+    stop = _StopRequest()
     record: dict = {}
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=not (progress and world.is_main))
     batches = iter(loader)
-    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+    window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "nonfinite_in_a_row": 0}
+    preempted = False
     while step < cfg.train.steps:
         t0 = time.perf_counter()
-        batch = next(batches)
-        data_wait += time.perf_counter() - t0
-        out = train_step(model, batch, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-                         grad_clip=cfg.optim.grad_clip, max_logit_scale=cfg.model.max_logit_scale)
+        images, texts = next(batches)
+        batch = (images.to(device, dtype=dtype, non_blocking=True), texts.to(device, non_blocking=True))
+        window["data"] += time.perf_counter() - t0
+        elapsed = elapsed_before + time.perf_counter() - start
+        out_of_time = bool(cfg.train.max_time_s) and elapsed >= cfg.train.max_time_s
+        out = train_step(engine, batch, loss_fn=loss_fn, max_logit_scale=cfg.model.max_logit_scale,
+                         accum_steps=cfg.train.accum_steps, stop=stop.requested or out_of_time)
+        if not out["updated"]:
+            nonfinite_total += 1
+            window["nonfinite_in_a_row"] += 1
+            if window["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_in_a_row:
+                raise TrainingDiverged(f"training diverged: {window['nonfinite_in_a_row']} non-finite losses in a row "
+                                       f"at step {step + 1}; the last good checkpoint is kept in {run_dir / 'checkpoints'} "
+                                       f"(lower optim.lr or check the data)")
+            continue
+        window["nonfinite_in_a_row"] = 0
         step += 1
-        window_samples += cfg.train.batch_size
+        window["steps"] += 1
         bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": all_reduce_mean(out["loss"]).item(),
-                      "lr": scheduler.get_last_lr()[0], "logit_scale": out["logit_scale"].item(),
-                      "samples_per_s": window_samples / elapsed, "data_wait_s": data_wait,
-                      "samples_seen": step * cfg.train.batch_size, "skipped_samples": loader.num_skipped}
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or out["stop"]:
+            record = _log_record(step, out, cfg, scheduler, loader, window, world,
+                                 time_s=elapsed_before + time.perf_counter() - start, nonfinite=nonfinite_total)
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or out["stop"]:
             save(step)
+        if out["stop"]:
+            preempted = step < cfg.train.steps
+            break
         if evaluators and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
             results = run_evaluators(evaluators, bundle, batch_size=cfg.eval.batch_size)
-            model.train()
-            logger.log({"step": step, **results})
+            engine.module.train()
+            logger.log({"step": step, "time_s": elapsed_before + time.perf_counter() - start, **results})
             record = {**record, **results}
     bar.close()
+    stop.restore()
     logger.close()
+    return TrainResult(record=record, step=step, preempted=preempted)
+
+
+def _log_record(step, out, cfg, scheduler, loader, window, world, *, time_s, nonfinite) -> dict:
+    """One metrics.jsonl record for the window of steps since the last one (resets the window)."""
+    seconds = time.perf_counter() - window["t0"]
+    per_rank = torch.tensor([window["steps"] * cfg.train.batch_size / world.world_size / seconds])
+    if world.world_size > 1:
+        gathered = [torch.zeros(1) for _ in range(world.world_size)]
+        dist.all_gather(gathered, per_rank)
+        per_rank = torch.cat(gathered)
+    steps = max(1, window["steps"])
+    record = {"step": step, "loss": out["loss"], "lr": scheduler.get_last_lr()[0],
+              "logit_scale": out["logit_scale"].item(),
+              "samples_per_s": window["steps"] * cfg.train.batch_size / seconds,
+              "samples_per_s_per_rank": [round(v, 2) for v in per_rank.tolist()],
+              "data_wait_s": window["data"] / steps, "compute_s": (seconds - window["data"]) / steps,
+              "samples_seen": step * cfg.train.batch_size, "skipped_samples": loader.num_skipped,
+              "nonfinite_skips": nonfinite, "time_s": time_s}
+    window.update(t0=time.perf_counter(), steps=0, data=0.0)
     return record

@@ -1,38 +1,53 @@
 import json
+import math
 
 import pytest
 import torch
 
-from contrastive.config import LossConfig, ModelConfig, OptimConfig, load_config
+from contrastive.config import ModelConfig, OptimConfig, load_config
 from contrastive.losses import build_loss
 from contrastive.models import build_model, param_groups
 from contrastive.train import lr_lambda, train, train_step
 
 
-def test_steps_on_a_fixed_batch_lower_the_loss(synthetic_data):
-    torch.manual_seed(0)
-    bundle = build_model(ModelConfig(name="tiny-vit-32"))
-    from contrastive.data import eval_samples, decode_image
+def _fixed_batch(synthetic_data, bundle, n=32):
+    from contrastive.data import decode_image, eval_samples
 
-    samples = [s for _, s in zip(range(32), eval_samples(synthetic_data["train"]))]
+    samples = [s for _, s in zip(range(n), eval_samples(synthetic_data["train"]))]
     images = torch.stack([bundle.preprocess_val(decode_image(s["jpg"])) for s in samples])
-    texts = bundle.tokenizer([s["txt"].decode() for s in samples])
-    opt = torch.optim.AdamW(param_groups(bundle.model, 0.0), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    loss_fn = build_loss(LossConfig())
-    losses = [train_step(bundle.model, (images, texts), loss_fn=loss_fn, optimizer=opt, scheduler=sched,
-                         grad_clip=1.0, max_logit_scale=100.0)["loss"].item() for _ in range(15)]
+    return images, bundle.tokenizer([s["txt"].decode() for s in samples])
+
+
+def _engine(overrides):
+    from contrastive.engine import build_engine, init_distributed
+
+    cfg = load_config(None, ["model.name=tiny-vit-32", "optim.warmup_steps=1", "optim.weight_decay=0",
+                             "optim.lr=1e-3", "train.batch_size=32", *overrides])
+    world = init_distributed()
+    torch.manual_seed(0)
+    bundle = build_model(cfg.model)
+    engine, scheduler = build_engine(bundle.model, cfg, world, lambda s: 1.0)
+    return cfg, bundle, engine
+
+
+def test_steps_on_a_fixed_batch_lower_the_loss(synthetic_data):
+    cfg, bundle, engine = _engine([])
+    batch = _fixed_batch(synthetic_data, bundle)
+    loss_fn = build_loss(cfg.loss)
+    losses = [train_step(engine, batch, loss_fn=loss_fn)["loss"] for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_logit_scale_is_clamped():
-    bundle = build_model(ModelConfig(name="tiny-vit-32", max_logit_scale=20.0))
-    with torch.no_grad():
-        bundle.model.logit_scale.fill_(10.0)
-    from contrastive.models import clamp_logit_scale
+def test_logit_scale_is_clamped_in_the_loss():
+    from contrastive.train import _loss
 
-    clamp_logit_scale(bundle.model, 20.0)
-    assert bundle.model.logit_scale.exp().item() == pytest.approx(20.0, rel=1e-5)
+    torch.manual_seed(0)
+    img, txt = torch.nn.functional.normalize(torch.randn(2, 8, 4), dim=-1)
+    seen = []
+    fake_loss = lambda i, t, scale, bias, group=None: seen.append(scale) or scale.sum()
+    _loss(fake_loss, {"image_features": img, "text_features": txt, "logit_scale": torch.tensor([math.exp(10.0)])},
+          None, max_logit_scale=20.0)
+    assert seen[0].item() == pytest.approx(20.0)
 
 
 def test_schedule_warms_up_then_decays():
@@ -57,7 +72,7 @@ def test_no_weight_decay_on_gains_biases_and_logit_scale():
 def test_end_to_end_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_overrides):
     cfg = load_config(None, tiny_overrides)
     run = tmp_path / "run"
-    record = train(cfg, run, progress=False)
+    record = train(cfg, run, progress=False).record
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [2, 4, 6]
     for key in ("step", "loss", "lr", "logit_scale", "samples_per_s"):
