@@ -1,0 +1,282 @@
+"""Slurm job scripts without a cluster: scontrol parsing, request checks, rendering, and the job script's
+preemption/requeue logic run under fake `srun`/`scontrol` (the real cluster tests are in test_slurm_cluster.py)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from contrastive import slurm
+from contrastive.cli import main
+from contrastive.errors import UserError
+from tests.conftest import REPO
+
+# Real `scontrol show partition -o` / `show node -o` lines (Slurm 22.05, slurm/local-cluster.sh), plus a
+# GPU partition in the same format.
+PARTITIONS = (
+    "PartitionName=debug AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=YES QoS=N/A "
+    "DefaultTime=NONE MaxNodes=UNLIMITED MaxTime=UNLIMITED MinNodes=0 Nodes=node[1-2] State=UP TotalCPUs=4 "
+    "TotalNodes=2 TRES=cpu=4,mem=2000M,node=2,billing=4\n"
+    "PartitionName=gpu AllowGroups=ALL Default=NO Nodes=gpu[01-05] State=UP TotalCPUs=480 TotalNodes=5\n")
+NODES = "".join(
+    f"NodeName=node{i} Arch=x86_64 CoresPerSocket=1  CPUAlloc=0 CPUEfctv=2 CPUTot=2 CPULoad=8.77 "
+    f"AvailableFeatures=(null) ActiveFeatures=(null) Gres=(null) NodeAddr=127.0.0.1 NodeHostName=vm Port=1681{7 + i} "
+    f"Version=22.05.8 OS=Linux 6.18.44-fc-v782 #1 SMP PREEMPT_DYNAMIC @0  RealMemory=1000 AllocMem=0 State=IDLE "
+    f"Partitions=debug  CfgTRES=cpu=2,mem=1000M,billing=2 AllocTRES= CapWatts=n/a\n" for i in (1, 2)) + "".join(
+    f"NodeName=gpu0{i} Arch=x86_64 CPUAlloc=0 CPUEfctv=96 CPUTot=96 Gres={gres} NodeAddr=10.1.0.{i} "
+    f"OS=Linux 5.15 #1 SMP State=IDLE Partitions=gpu\n"
+    for i, gres in ((1, "gpu:h100:8(S:0-1)"), (2, "gpu:h100:8(S:0-1)"), (3, "gpu:h100:8(S:0-1)"), (4, "gpu:4"),
+                    (5, "gpu:8")))
+
+
+@pytest.fixture()
+def cluster() -> slurm.Cluster:
+    return slurm.cluster_from_scontrol(PARTITIONS, NODES)
+
+
+def _request(tmp_path, **kw) -> slurm.JobRequest:
+    defaults = dict(config=REPO / "configs" / "demo.yaml", run_dir=tmp_path / "run", workdir=tmp_path,
+                    overrides=["train.batch_size=64"])
+    return slurm.JobRequest(**{**defaults, **kw})
+
+
+def test_scontrol_records_keep_values_with_spaces_and_empty_values():
+    rec = slurm.parse_scontrol_records(NODES)[0]
+    assert rec["NodeName"] == "node1" and rec["CPUTot"] == "2" and rec["Gres"] == "(null)"
+    assert rec["OS"] == "Linux 6.18.44-fc-v782 #1 SMP PREEMPT_DYNAMIC @0"
+    assert rec["AllocTRES"] == "" and rec["CapWatts"] == "n/a" and rec["CfgTRES"] == "cpu=2,mem=1000M,billing=2"
+
+
+@pytest.mark.parametrize("gres,count", [("(null)", 0), ("", 0), ("gpu:8", 8), ("gpu:h100:8(S:0-1)", 8),
+                                        ("gpu:a100:4(S:0),gpu:h100:4(S:1)", 8), ("mps:100,gpu:2", 2)])
+def test_gpu_count_from_gres(gres, count):
+    assert slurm.gpu_count(gres) == count
+
+
+def test_cluster_from_scontrol(cluster):
+    assert cluster.default_partition == "debug"
+    assert cluster.partitions["debug"].nodes == ["node1", "node2"]
+    assert [cluster.nodes[n].gpus for n in cluster.partitions["gpu"].nodes] == [8, 8, 8, 4, 8]
+    assert cluster.nodes["gpu01"].cpus == 96
+
+
+@pytest.mark.parametrize("text,seconds", [("30", 1800), ("30:15", 1815), ("2:00:00", 7200), ("1-0", 86400),
+                                          ("1-02:30", 95400), ("2-00:00:05", 172805)])
+def test_time_limits(text, seconds):
+    assert slurm.time_limit_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(gpus_per_node=8, nodes=4, partition="debug"), "nodes of partition 'debug' have at most 0 GPU(s)"),
+    (dict(gpus_per_node=8, nodes=5, partition="gpu", overrides=["train.batch_size=640"]),
+     "only 4 node(s) of partition 'gpu' have 8 GPUs"),
+    (dict(gpus_per_node=16, partition="gpu"), "have at most 8 GPU(s) each"),
+    (dict(partition="nope"), "partition 'nope' does not exist on this cluster (partitions: debug, gpu)"),
+    (dict(nodes=4), "--nodes 4: partition 'debug' has only 2 node(s)"),
+    (dict(tasks_per_node=2, cpus_per_task=2), "need 4 CPUs per node"),
+    (dict(config=Path("configs/missing.yaml")), "config file configs/missing.yaml does not exist"),
+    (dict(overrides=["train.stepz=3"]), "unknown config key 'train.stepz'"),
+    (dict(nodes=3, partition="gpu", gpus_per_node=1), "train.batch_size=64 is not divisible by 3 ranks"),
+    (dict(gpus_per_node=8, tasks_per_node=4, partition="gpu"), "one process per GPU"),
+    (dict(time="1:00", signal_s=300), "must be longer than --signal-seconds 300"),
+    (dict(time="soon"), "is not a Slurm time"),
+    (dict(env=["NCCL DEBUG=INFO"]), "must look like NAME=value"),
+])
+def test_bad_requests_fail_before_anything_is_written(tmp_path, cluster, kw, message):
+    with pytest.raises(UserError) as e:
+        slurm.plan_job(_request(tmp_path, **kw), cluster=cluster)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_with_a_space_is_refused(tmp_path, cluster):
+    with pytest.raises(UserError, match="contains a space"):
+        slurm.plan_job(_request(tmp_path, run_dir=tmp_path / "my run"), cluster=cluster)
+
+
+def test_gpu_job_renders_one_task_per_gpu_and_the_preemption_settings(tmp_path, cluster):
+    plan = slurm.plan_job(_request(tmp_path, nodes=4, gpus_per_node=8, partition="gpu", time="2-00:00:00",
+                                   signal_s=240, env=["NCCL_DEBUG=WARN"], sbatch_args=["--exclusive"],
+                                   overrides=["train.batch_size=32768", "data.num_workers=6"]), cluster=cluster)
+    assert plan.world_size == 32 and plan.cpus_per_task == 7  # data workers + the rank itself
+    script = slurm.render(plan, config_file=tmp_path / "run" / "slurm" / "config.yaml")
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=7", "#SBATCH --partition=gpu", "#SBATCH --time=2-00:00:00",
+                 "#SBATCH --exclusive", "#SBATCH --signal=B:USR1@240", "#SBATCH --requeue",
+                 f"#SBATCH --output={tmp_path}/run/logs/slurm-%j.out", "LAUNCHER=srun", "export NCCL_DEBUG=WARN",
+                 f"EXIT_PREEMPTED={slurm.EXIT_PREEMPTED}", f"PYTHON={sys.executable}"):
+        assert line in script.splitlines(), line
+    # sbatch reads #SBATCH lines only up to the first command
+    header = script.split("\nset -uo pipefail")[0]
+    assert header.count("#SBATCH") == script.count("#SBATCH")
+    assert "{{" not in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_torchrun_launcher_runs_one_task_per_node_with_all_its_cpus(tmp_path, cluster):
+    plan = slurm.plan_job(_request(tmp_path, nodes=2, gpus_per_node=8, partition="gpu", launcher="torchrun",
+                                   overrides=["train.batch_size=64", "data.num_workers=3"]), cluster=cluster)
+    script = slurm.render(plan, config_file=tmp_path / "c.yaml")
+    assert "#SBATCH --ntasks-per-node=1" in script and "#SBATCH --cpus-per-task=32" in script
+    assert "PROCS_PER_NODE=8" in script and "LAUNCHER=torchrun" in script
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
+
+
+def test_exit_code_matches_the_trainer():
+    from contrastive.train import EXIT_PREEMPTED
+
+    assert slurm.EXIT_PREEMPTED == EXIT_PREEMPTED
+
+
+def test_dry_run_prints_the_script_and_writes_nothing(tmp_path, monkeypatch, capsys, cluster):
+    monkeypatch.setattr(slurm, "query_cluster", lambda: None)  # no Slurm here: config checks only
+    run = tmp_path / "run"
+    code = main(["slurm", "submit", str(REPO / "configs" / "demo.yaml"), "--nodes", "2", "train.steps=7",
+                 "--gpus-per-node", "0", "--out", str(run), "--dry-run", "model.name=tiny-vit-32"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in out
+    assert "nothing submitted" in err and "checked the config only" in err
+    assert not run.exists()
+
+
+def test_cli_user_errors_are_one_line(tmp_path, monkeypatch, capsys, cluster):
+    monkeypatch.setattr(slurm, "query_cluster", lambda: cluster)
+    code = main(["slurm", "submit", str(REPO / "configs" / "demo.yaml"), "--gpus-per-node", "8",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err == "contrastive slurm: error: --gpus-per-node 8: the nodes of partition 'debug' have at most 0 GPU(s) each"
+
+
+def test_submit_writes_the_resolved_config_and_code_version(tmp_path, monkeypatch, cluster):
+    calls = []
+
+    def fake_sbatch(args, *, script):
+        calls.append((args, script))
+        return "Job 9 to start at now" if "--test-only" in args else "4242"
+
+    monkeypatch.setattr(slurm, "query_cluster", lambda: cluster)
+    monkeypatch.setattr(slurm, "_sbatch", fake_sbatch)
+    sub = slurm.submit(_request(tmp_path, nodes=2, overrides=["train.batch_size=64", "train.steps=11"]))
+    run = tmp_path / "run"
+    assert sub.job_id == "4242" and [c[0] for c in calls] == [["--test-only"], ["--parsable"]]
+    assert calls[0][1] == calls[1][1] == (run / "slurm" / "job.sbatch").read_text()
+    from contrastive.config import load_config
+
+    resolved = load_config(run / "slurm" / "config.yaml")
+    assert resolved.train.steps == 11 and resolved == load_config(REPO / "configs" / "demo.yaml",
+                                                                  ["train.batch_size=64", "train.steps=11"])
+    record = json.loads((run / "slurm" / "submissions.jsonl").read_text())
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert record["job_id"] == "4242" and record["commit"] == head and record["nodes"] == 2
+    assert (run / "logs").is_dir()
+
+
+# ---------------------------------------------------------------- the job script under fake srun/scontrol
+
+FAKE_SRUN = """#!/bin/bash
+# Runs the step as rank 0 of 1 in this process (exec), so signals sent to "srun" reach the task.
+while [[ $1 == -* ]]; do shift; done
+export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0 SLURMD_NODENAME=node1
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo node1; echo node2 ;;
+  "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.9.8.7 NodeHostName=$3 State=ALLOCATED" ;;
+  "requeue "*) echo "requeue $2" >> "$FAKE_LOG" ;;
+esac
+"""
+# Stands in for the trainer: records how it was started, then finishes, crashes, or waits for USR1 and exits
+# with EXIT_PREEMPTED like contrastive.train does.
+FAKE_PYTHON = """#!/bin/bash
+echo "args=$* rank=$RANK world=$WORLD_SIZE local=$LOCAL_RANK master=$MASTER_ADDR:$MASTER_PORT" >> "$FAKE_LOG"
+case $FAKE_MODE in
+  finish) exit 0 ;;
+  crash) exit 1 ;;
+  preempt) trap 'echo stopping >> "$FAKE_LOG"; exit 75' USR1; touch "$FAKE_LOG.ready"
+           for i in $(seq 300); do sleep 0.1; done; exit 3 ;;
+esac
+"""
+
+
+def _fake_job(tmp_path, *, mode: str, restart: int = 0, resume: str = "", signal_batch: bool = False,
+              signal_task: bool = False, checkpoint: bool = False):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    overrides = ["train.batch_size=64"] + ([f"train.resume={resume}"] if resume else [])
+    plan = slurm.plan_job(_request(tmp_path, python=str(bin_dir / "python"), overrides=overrides, max_restarts=3),
+                          cluster=None)
+    script = tmp_path / "job.sh"
+    script.write_text(slurm.render(plan, config_file=tmp_path / "run" / "slurm" / "config.yaml"))
+    if checkpoint:
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000005\n")
+    log = tmp_path / "fake.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_MODE=mode,
+               SLURM_JOB_ID="1234", SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_NTASKS="2",
+               SLURM_RESTART_COUNT=str(restart))
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if signal_batch or signal_task:
+        ready = Path(f"{log}.ready")
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=5)[0] if proc.poll() is not None else "fake trainer not started"
+        if signal_batch:  # what Slurm does --signal-seconds before the time limit (B: = the batch shell only)
+            proc.send_signal(signal.SIGUSR1)
+        else:  # `scancel --signal=USR1 JOB` without --batch: the tasks only
+            trainer = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert trainer, "no trainer process under the job script"
+            os.kill(int(trainer[0]), signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out, log.read_text() if log.exists() else ""
+
+
+def test_job_script_that_finishes_does_not_requeue(tmp_path):
+    rc, out, log = _fake_job(tmp_path, mode="finish")
+    assert rc == 0 and "training finished" in out
+    assert "requeue" not in log
+    started = log.splitlines()[0]
+    assert f"--config {tmp_path}/run/slurm/config.yaml --out {tmp_path}/run train.resume=latest" in started
+    assert "rank=0 world=1 local=0" in started
+    assert "master=10.9.8.7:21234" in started  # NodeAddr of the first node; 20000 + job id % 20000
+    assert (tmp_path / "run" / "slurm" / "runs.log").read_text().count("job=1234 run=0") == 1
+
+
+def test_job_script_requeues_after_usr1_to_the_batch_shell(tmp_path):
+    rc, out, log = _fake_job(tmp_path, mode="preempt", signal_batch=True)
+    assert rc == 0, out
+    assert log.splitlines()[1:] == ["stopping", "requeue 1234"]
+    assert "USR1: asking the ranks to checkpoint" in out and "requeueing" in out
+
+
+def test_job_script_requeues_when_the_tasks_alone_were_signalled(tmp_path):
+    rc, out, log = _fake_job(tmp_path, mode="preempt", signal_task=True)
+    assert rc == 0 and log.splitlines()[1:] == ["stopping", "requeue 1234"], out
+
+
+def test_job_script_does_not_requeue_a_crash_or_past_max_restarts(tmp_path):
+    rc, out, log = _fake_job(tmp_path, mode="crash")
+    assert rc == 1 and "requeue" not in log and "training failed (exit 1)" in out
+    rc, out, log = _fake_job(tmp_path, mode="preempt", signal_batch=True, restart=3)
+    assert rc == 75 and "requeue" not in log and "already restarted 3 times" in out
+
+
+def test_job_script_prefers_the_run_checkpoint_over_a_warm_start(tmp_path):
+    rc, out, log = _fake_job(tmp_path, mode="finish", resume="/elsewhere/step_00000100")
+    assert rc == 0 and "train.resume=/elsewhere/step_00000100" in log
+    (tmp_path / "fake.log").unlink()
+    rc, out, log = _fake_job(tmp_path, mode="finish", resume="/elsewhere/step_00000100", checkpoint=True)
+    assert rc == 0 and "train.resume=latest" in log and "/elsewhere" not in log
