@@ -177,6 +177,11 @@ def load_for_inference(path: str | Path) -> tuple[Any, dict]:
     from contrastive.config import ModelConfig
     from contrastive.models import build_model
 
+    if (Path(path) / "open_clip_config.json").is_file():  # written by `contrastive export --format open_clip`
+        from contrastive.export import build_bundle, load_source
+
+        source = load_source(path)
+        return build_bundle(source), {"checkpoint": str(path), "step": source.step, "format": "open_clip"}
     ckpt = find_weights(path)
     arch = load_arch(ckpt)
     bundle = build_model(ModelConfig(name="checkpoint"), model_cfg=arch["model_cfg"],

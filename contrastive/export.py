@@ -1,0 +1,364 @@
+"""`contrastive export`: a trained model as open_clip, transformers or ONNX files, or as precomputed embeddings.
+
+Every export is written into a staging folder beside --out and moved into place only when complete (an
+existing --out is replaced only with overwrite=True, and only after the new export is finished), and gets a
+README.md model card. Weights are read from safetensors or by DeepSpeed's ZeRO-to-fp32 consolidation with
+weights-only loading (contrastive.checkpoint.load_full_state_dict), and written as safetensors.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contrastive.errors import UserError
+
+FORMATS = ("open_clip", "hf", "embeddings", "onnx")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+ONNX_IMAGE, ONNX_TEXT, ONNX_CONFIG = "image_encoder.onnx", "text_encoder.onnx", "onnx_config.json"
+CARD = "README.md"
+SUMMARY = "export.json"
+# Our modules keep these 1-D because DeepSpeed cannot flatten 0-dim parameters; open_clip's own are 0-dim.
+_SCALARS = ("logit_scale", "logit_bias")
+# Max abs difference between an export and our model (fp32, on random inputs) above which export fails.
+CHECK_TOL = 1e-4
+
+
+@dataclass
+class Source:
+    """A trained model on disk: full fp32 weights (our module's layout), architecture, what the run recorded."""
+
+    path: Path
+    run_dir: Path | None
+    model_cfg: dict
+    preprocess_cfg: dict
+    state_dict: dict[str, torch.Tensor]
+    state: dict = field(default_factory=dict)
+    config_yaml: str = ""
+
+    @property
+    def step(self) -> int | None:
+        return self.state.get("step")
+
+
+def our_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.reshape(1) if k in _SCALARS and v.ndim == 0 else v for k, v in sd.items()}
+
+
+def open_clip_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.reshape(()) if k in _SCALARS and v.shape == (1,) else v for k, v in sd.items()}
+
+
+def open_clip_model_cfg(model_cfg: dict) -> dict:
+    """open_clip's standard architecture dict: 0-dim logit scale/bias, as every open_clip tool expects."""
+    cfg = copy.deepcopy(model_cfg)
+    cfg.pop("nonscalar_logit_scale", None)
+    return cfg
+
+
+def is_open_clip_export(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / OPEN_CLIP_CONFIG).is_file() and (path / OPEN_CLIP_WEIGHTS).is_file()
+
+
+def load_source(path: str | Path) -> Source:
+    """A run directory (its latest checkpoint), a checkpoint directory (ZeRO-sharded or not), or a directory
+    written by `export --format open_clip`."""
+    from safetensors.torch import load_file
+
+    from contrastive import checkpoint
+
+    path = Path(path)
+    if is_open_clip_export(path):
+        cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())
+        info = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else {}
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / OPEN_CLIP_WEIGHTS)).items()}
+        return Source(path=path, run_dir=None, model_cfg=cfg["model_cfg"], preprocess_cfg=cfg.get("preprocess_cfg", {}),
+                      state_dict=our_layout(sd), state=info.get("training_state", {}),
+                      config_yaml=info.get("training_config", ""))
+    ckpt = checkpoint.find_weights(path)
+    arch = json.loads((ckpt / checkpoint.ARCH_FILE).read_text())
+    loader = getattr(checkpoint, "load_full_state_dict", None)
+    sd = loader(ckpt) if loader is not None else load_file(str(ckpt / checkpoint.MODEL_FILE))
+    sd = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach() for k, v in sd.items()}
+    state_file, config_file = ckpt / checkpoint.STATE_FILE, ckpt / checkpoint.CONFIG_FILE
+    run_dir = ckpt.parent.parent if ckpt.parent.name == checkpoint.CKPT_DIR else None
+    return Source(path=ckpt, run_dir=run_dir, model_cfg=arch["model_cfg"], preprocess_cfg=arch.get("preprocess_cfg") or {},
+                  state_dict=our_layout(sd), state=json.loads(state_file.read_text()) if state_file.is_file() else {},
+                  config_yaml=config_file.read_text() if config_file.is_file() else "")
+
+
+def build_bundle(source: Source):
+    """Our ModelBundle (eval mode) holding the source's weights, strictly loaded."""
+    from contrastive.config import ModelConfig
+    from contrastive.models import build_model
+
+    bundle = build_model(ModelConfig(name="export"), model_cfg=source.model_cfg, preprocess_cfg=source.preprocess_cfg)
+    missing, unexpected = bundle.model.load_state_dict(source.state_dict, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{source.path}: weights do not match the architecture in it "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    bundle.model.eval()
+    return bundle
+
+
+# ---------------------------------------------------------------- output directory
+
+def _check_out(out: Path, source_path: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+        src, dst = source_path.resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise UserError(f"--out {out} holds the model being exported; --overwrite would delete it")
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished staging folder to `out`; a previous `out` is removed only after that succeeded."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- formats
+
+def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+
+
+def write_open_clip(source: Source, bundle, out: Path, *, dtype: torch.dtype) -> dict:
+    """open_clip_config.json + open_clip_model.safetensors: `local-dir:OUT` loads with nothing else."""
+    from safetensors.torch import save_file
+
+    save_file(_cast(open_clip_layout(source.state_dict), dtype), str(out / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
+    preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in bundle.preprocess_cfg.items()}
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(
+        {"model_cfg": open_clip_model_cfg(source.model_cfg), "preprocess_cfg": preprocess}, indent=2))
+    if hasattr(bundle.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: local-dir: reads it from OUT
+        bundle.tokenizer.save_pretrained(str(out))
+    return {"files": [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS]}
+
+
+def _probe_inputs(bundle, *, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random images and a few real captions, to compare an export with our model."""
+    gen = torch.Generator().manual_seed(0)
+    side = bundle.preprocess_cfg.get("size", 224)
+    h, w = (side, side) if isinstance(side, int) else tuple(side)
+    images = torch.randn(batch, 3, h, w, generator=gen)
+    texts = bundle.tokenizer(["a photo of a red circle", "two small blue squares on a white background",
+                              "a dog"][:batch])
+    return images, texts
+
+
+@torch.no_grad()
+def _reference(bundle, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    model = bundle.model
+    return model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)
+
+
+@torch.no_grad()
+def check_open_clip(out: Path, bundle) -> float:
+    """Max abs difference of normalised embeddings, open_clip `local-dir:` load vs our model."""
+    import open_clip
+
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    images, texts = _probe_inputs(bundle)
+    ref_img, ref_txt = _reference(bundle, images, texts)
+    model.eval()
+    img = model.encode_image(images, normalize=True)
+    txt = model.encode_text(tokenizer(["a photo of a red circle", "two small blue squares on a white background",
+                                       "a dog"]), normalize=True)
+    return max((img - ref_img).abs().max().item(), (txt - ref_txt).abs().max().item())
+
+
+@torch.no_grad()
+def check_hf(out: Path, bundle) -> float:
+    """Max abs difference of normalised embeddings, CLIPModel/CLIPProcessor load vs our model."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(str(out), dtype=torch.float32).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(out))
+    images, texts = _probe_inputs(bundle)
+    ref_img, ref_txt = _reference(bundle, images, texts)
+    captions = ["a photo of a red circle", "two small blue squares on a white background", "a dog"]
+    enc = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+    img = model.get_image_features(pixel_values=images)
+    txt = model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))
+    img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+    return max((img - ref_img).abs().max().item(), (txt - ref_txt).abs().max().item())
+
+
+class _ImageEncoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.encode_image(pixel_values, normalize=True)
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model.encode_text(input_ids, normalize=True)
+
+
+def write_onnx(source: Source, bundle, out: Path, *, dtype: torch.dtype) -> dict:
+    """image_encoder.onnx (pixel_values -> image_embeds) and text_encoder.onnx (input_ids -> text_embeds),
+    both L2-normalised, batch dimension dynamic; onnx_config.json says how to feed them."""
+    import warnings
+
+    from contrastive.hf_export import uses_clip_bpe, write_tokenizer_files
+
+    if dtype == torch.bfloat16:
+        raise UserError("--format onnx takes --dtype fp32 or fp16 (ONNX runtimes rarely run bf16)")
+    model = copy.deepcopy(bundle.model).to(dtype).eval()
+    images, texts = _probe_inputs(bundle, batch=2)
+    specs = ((_ImageEncoder(model), images.to(dtype), ONNX_IMAGE, "pixel_values", "image_embeds"),
+             (_TextEncoder(model), texts, ONNX_TEXT, "input_ids", "text_embeds"))
+    for module, example, name, input_name, output_name in specs:
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter needs no onnxscript and gives a dynamic batch axis directly.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(out / name), dynamo=False, opset_version=17,
+                              input_names=[input_name], output_names=[output_name],
+                              dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    text_cfg = source.model_cfg.get("text_cfg", {})
+    if uses_clip_bpe(text_cfg):  # tokenizer.json: the same ids from the tokenizers library, in any language
+        write_tokenizer_files(out, int(text_cfg.get("context_length", 77)))
+        tokenizer_note = "CLIP BPE: tokenizer.json here (pad to the context length; ids after <|endoftext|> are ignored)"
+    else:
+        tokenizer_note = f"open_clip.get_tokenizer for this architecture (text_cfg: {json.dumps(text_cfg)})"
+    pp = bundle.preprocess_cfg
+    config = {
+        "image_encoder": {"file": ONNX_IMAGE, "input": "pixel_values", "output": "image_embeds",
+                          "input_shape": ["batch", 3, pp["size"], pp["size"]] if isinstance(pp["size"], int)
+                          else ["batch", 3, *pp["size"]], "dtype": str(dtype).replace("torch.", "")},
+        "text_encoder": {"file": ONNX_TEXT, "input": "input_ids", "output": "text_embeds",
+                         "input_shape": ["batch", int(text_cfg.get("context_length", 77))], "dtype": "int64"},
+        "embeddings": "L2-normalised", "logit_scale": float(source.state_dict["logit_scale"].exp().reshape(())),
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()},
+        "tokenizer": tokenizer_note, "opset": 17,
+    }
+    (out / ONNX_CONFIG).write_text(json.dumps(config, indent=2))
+    return {"files": [ONNX_IMAGE, ONNX_TEXT, ONNX_CONFIG]}
+
+
+def check_onnx(out: Path, bundle, *, dtype: torch.dtype) -> float | None:
+    """Max abs difference, onnxruntime vs our PyTorch model, at a batch size other than the traced one."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    images, texts = _probe_inputs(bundle, batch=3)
+    model = copy.deepcopy(bundle.model).to(dtype).eval()
+    with torch.no_grad():
+        ref_img = model.encode_image(images.to(dtype), normalize=True).float()
+        ref_txt = model.encode_text(texts, normalize=True).float()
+    img = ort.InferenceSession(str(out / ONNX_IMAGE), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": images.to(dtype).numpy()})[0]
+    txt = ort.InferenceSession(str(out / ONNX_TEXT), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": texts.numpy()})[0]
+    return max(float((torch.from_numpy(img).float() - ref_img).abs().max()),
+               float((torch.from_numpy(txt).float() - ref_txt).abs().max()))
+
+
+def write_embeddings(source: Source, bundle, out: Path, *, data: str | None, batch_size: int,
+                     rows_per_file: int, progress: bool) -> dict:
+    import importlib
+
+    if not data:
+        raise UserError("--format embeddings needs --data SHARDS (e.g. data/val/{00000..00003}.tar)")
+    # eval/ builds on contrastive, not the other way round: reach the writer by name, as evaluators do.
+    embed = importlib.import_module("eval.embed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle.model.to(device)
+    try:
+        summary = embed.write_embeddings(bundle, data, out, batch_size=batch_size, rows_per_file=rows_per_file,
+                                         progress=progress)
+    finally:
+        bundle.model.to("cpu")
+    return {**summary, "data": data}
+
+
+# ---------------------------------------------------------------- entry point
+
+def export(model: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp32", overwrite: bool = False,
+           data: str | None = None, batch_size: int = 256, rows_per_file: int = 1_000_000, check: bool = True,
+           progress: bool = True) -> dict:
+    """Export `model` (run dir, checkpoint dir or open_clip export) as `fmt` into `out`; returns the summary
+    that is also written to OUT/export.json."""
+    from contrastive.model_card import write_model_card
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if fmt == "embeddings" and dtype != "fp32":
+        raise UserError("--format embeddings is always written as float16 vectors (clip-retrieval's layout); "
+                        "leave --dtype at fp32")
+    out = Path(out)
+    source = load_source(model)
+    _check_out(out, source.path, overwrite)
+    if fmt == "hf":  # refuse before any work, with the reason
+        from contrastive.hf_export import check_representable
+
+        check_representable(source.model_cfg, source.preprocess_cfg)
+    bundle = build_bundle(source)
+    torch_dtype = DTYPES[dtype]
+    stage = out.parent / f".{out.name}.incoming-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        summary: dict[str, Any] = {"format": fmt, "source": str(source.path), "dtype": dtype, "out": str(out)}
+        if fmt == "open_clip":
+            summary.update(write_open_clip(source, bundle, stage, dtype=torch_dtype))
+            if check:
+                summary["check_max_abs_diff"] = check_open_clip(stage, bundle)
+        elif fmt == "hf":
+            from contrastive.hf_export import write_hf
+
+            write_hf(open_clip_layout(source.state_dict), source.model_cfg, bundle.preprocess_cfg, stage,
+                     dtype=torch_dtype)
+            summary["files"] = sorted(p.name for p in stage.iterdir())
+            if check:
+                summary["check_max_abs_diff"] = check_hf(stage, bundle)
+        elif fmt == "onnx":
+            summary.update(write_onnx(source, bundle, stage, dtype=torch_dtype))
+            if check:
+                summary["check_max_abs_diff"] = check_onnx(stage, bundle, dtype=torch_dtype)
+        else:
+            summary.update(write_embeddings(source, bundle, stage, data=data, batch_size=batch_size,
+                                            rows_per_file=rows_per_file, progress=progress))
+        diff = summary.get("check_max_abs_diff")
+        tol = CHECK_TOL if torch_dtype == torch.float32 else 5e-2
+        if diff is not None and diff > tol:
+            raise RuntimeError(f"the {fmt} export differs from the model by {diff:.2e} (> {tol:g}); nothing was written")
+        summary["training_state"] = {k: v for k, v in source.state.items() if isinstance(v, (int, float, str))}
+        summary["training_config"] = source.config_yaml
+        (stage / SUMMARY).write_text(json.dumps(summary, indent=2))
+        write_model_card(stage / CARD, source=source, bundle=bundle, summary=summary)
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return summary
