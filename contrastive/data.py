@@ -1,16 +1,43 @@
-"""WebDataset pipelines: a deterministic, resumable training stream and a plain evaluation reader.
+"""WebDataset pipelines: the resumable training stream (resampled or epoch-exact) and a plain evaluation reader.
 
-Every (rank, worker) pair reads its own deterministic stream: the shards it draws, the shuffle buffer and
-the augmentation of each sample are seeded from (seed, rank, worker, sample index). A checkpoint stores
-how many samples each worker's stream has delivered in consumed batches; a resumed loader replays each
-stream and drops that many samples before decoding, so training continues with exactly the batches an
-uninterrupted run would have seen next.
+Letters in names: B batch per rank, C channels, H/W image side, L tokens per caption.
+
+Slots. Each (rank, DataLoader worker) pair is a slot; there are S = world_size x num_workers of them, and
+each reads its own deterministic stream of samples, split into *blocks*: a block is a list of shard ranges
+(shard, first sample, end), read in order and mixed by a shuffle buffer that is drained at the block's end.
+Everything random is seeded from (seed, epoch, rank, worker, block[, sample]): the shards a block reads, the
+shuffle buffer, and each sample's augmentation, so a run is reproducible.
+
+Epoch-exact mode (data.resampled=false). Epoch e lists every sample of every source once: shards in an
+order shuffled by (seed, e), samples in shard order. That list is cut into S contiguous pieces, one per slot,
+of floor(N/S) or floor(N/S)+1 samples (N samples in all); which slots get the N mod S extra samples rotates
+from epoch to epoch, so every slot has read the same number of samples to within one at any epoch boundary.
+A slot's stream is its piece of epoch 0, then of epoch 1, and so on, without end: batches run across epoch
+boundaries instead of dropping or repeating the remainder, so all ranks take the same number of steps, every
+sample is read exactly once per epoch, and the epoch advances by itself. A piece enters at most two shards
+mid-way; shard sizes come from sizes.json (or img2dataset's *_stats.json, else the shards are counted once).
+
+Resampled mode (the default). Each block draws shards with replacement: a shard's chance is proportional to
+its size (every sample equally likely), or, with data.train_weights, sources are drawn so that the share of
+samples from source i is weight_i / sum(weights), each source's own samples equally likely.
+
+Resume. A slot's position is (epoch, block, offset): the next sample is output number `offset` of that block.
+Positions are taken from batches the training loop has received (not from prefetched ones), so a checkpoint
+holds exactly what was consumed. A resumed slot re-reads its block up to `offset` without decoding and
+continues; with several DataLoader workers, the round-robin of workers is rotated so the next batch comes
+from the slot whose turn it is. Corrupt samples are skipped and counted by reason; the counts are part of
+the position, so they too match an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import math
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -20,11 +47,20 @@ from contrastive.config import DataConfig
 from contrastive.distributed import WorldInfo
 from contrastive.errors import UserError
 
+# Reasons a training sample is skipped.
+SKIP_REASONS = ("unreadable_shard", "missing_sample", "no_image", "no_caption", "bad_image", "bad_caption")
+CLASS_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+DEFAULT_CLASS_TEMPLATES = ("a photo of a {c}.",)
+
+
+# ---------------------------------------------------------------- shard lists
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
 
 def expand_sources(spec: str) -> list[list[str]]:
     """'a/{000..009}.tar::b.tar' -> [[a/000.tar, ...], [b.tar]]; local files must exist."""
-    import os
-
     import braceexpand
 
     if not spec:
@@ -32,8 +68,9 @@ def expand_sources(spec: str) -> list[list[str]]:
     sources = []
     for part in spec.split("::"):
         urls = list(braceexpand.braceexpand(part.strip()))
-        is_local = ["://" not in u and not u.startswith("pipe:") for u in urls]
-        missing = [u for u, local in zip(urls, is_local) if local and not os.path.exists(u)]
+        if not urls or not all(urls):
+            raise UserError(f"the shard spec {part!r} is empty; join sources with a single '::'")
+        missing = [u for u in urls if _is_local(u) and not os.path.exists(u)]
         if missing:
             raise UserError(f"data path {missing[0]} does not exist ({len(missing)} of {len(urls)} shards of {part!r} missing)")
         sources.append(urls)
@@ -42,18 +79,293 @@ def expand_sources(spec: str) -> list[list[str]]:
 
 def make_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across processes and Python versions."""
-    import hashlib
-
     digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def decode_image(data: bytes):
+def read_shard(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Samples number start..stop-1 of a shard, as webdataset groups them; if the shard ends early or cannot
+    be read, each missing sample comes as {"__bad__": reason}, so a range always yields stop - start items."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    errors = []
+
+    def stop_on_error(exn):
+        errors.append(exn)
+        return False
+
+    index = 0
+    try:
+        stream = wds.gopen(url)
+    except Exception as exn:  # a missing file, a failed download
+        errors.append(exn)
+        stream = None
+    if stream is not None:
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=stop_on_error)
+            for sample in group_by_keys(files, handler=stop_on_error):
+                if stop is not None and index >= stop:
+                    break
+                if index >= start:
+                    yield sample
+                index += 1
+        finally:
+            stream.close()
+    if stop is not None:
+        reason = "unreadable_shard" if errors else "missing_sample"
+        for i in range(max(index, start), stop):
+            yield {"__bad__": reason, "__key__": f"#{i}", "__url__": url}
+
+
+def _sizes_from_files(url: str, cache: dict) -> int | None:
+    """A local shard's sample count from sizes.json or img2dataset's _stats.json beside it."""
+    path = Path(url).resolve()
+    folder = path.parent
+    if folder not in cache:
+        sizes_file = folder / "sizes.json"
+        try:
+            cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+        except (OSError, ValueError):
+            cache[folder] = {}
+    for name in (path.name, Path(url).name):
+        if name in cache[folder]:
+            return int(cache[folder][name])
+    stats = folder / f"{path.name[:-len('.tar')] if path.name.endswith('.tar') else path.stem}_stats.json"
+    if stats.is_file():
+        try:
+            return int(json.loads(stats.read_text())["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def shard_sizes(urls: list[str], *, count_unknown: bool = True) -> list[int | None]:
+    """Samples per shard: from sizes.json or *_stats.json where they exist, else counted by reading the
+    shard once (CLIP_benchmark sets and remote shards have neither); None where not counted."""
+    cache: dict = {}
+    sizes = []
+    for url in urls:
+        size = _sizes_from_files(url, cache) if _is_local(url) else None
+        if size is None and count_unknown:
+            size = sum(1 for sample in read_shard(url) if "__bad__" not in sample)
+        sizes.append(size)
+    return sizes
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _class_caption_sets(urls: list[str]) -> tuple[list[tuple[list[str], list[str]]], list[int]]:
+    """For shards of classification sets (classnames.txt beside the shards or one folder up, CLIP_benchmark's
+    layout): ([(classnames, templates)], set index per shard or -1), to caption samples that only have .cls."""
+    sets, index_of, per_shard = [], {}, []
+    for url in urls:
+        found = -1
+        folder = Path(url).parent if _is_local(url) else None
+        for root in (folder, folder.parent) if folder is not None else ():
+            if (root / "classnames.txt").is_file():
+                if root not in index_of:
+                    templates_file = root / CLASS_TEMPLATES_FILE
+                    templates = [t for t in _lines(templates_file) if "{c}" in t] if templates_file.is_file() else []
+                    index_of[root] = len(sets)
+                    sets.append((_lines(root / "classnames.txt"), templates or list(DEFAULT_CLASS_TEMPLATES)))
+                found = index_of[root]
+                break
+        per_shard.append(found)
+    return sets, per_shard
+
+
+# ---------------------------------------------------------------- images
+
+def to_rgb(img, converted: list[str] | None = None):
+    """RGB version of a PIL image: transparency is composited on white; each conversion is noted."""
+    from PIL import Image
+
+    note = converted.append if converted is not None else (lambda _: None)
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        note("palette")
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "CMYK":
+        note("cmyk")
+    elif img.mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F"):
+        note("grayscale")
+        if img.mode not in ("L", "1"):
+            # 16-bit and float greys: scale to 8 bits rather than clip.
+            import numpy as np
+
+            arr = np.asarray(img, dtype=np.float64)
+            top = arr.max() if arr.size and arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype("uint8"), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        note("alpha")
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, draft_side: int | None = None):
+    """An RGB PIL image; a JPEG whose shorter side is at least 2 x `draft_side` is decoded at a reduced size
+    (a power-of-two DCT scale that keeps the shorter side >= draft_side)."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
+    if draft_side and img.format == "JPEG":
+        img.draft("RGB", (draft_side, draft_side))
     img.load()
-    return img.convert("RGB")
+    return to_rgb(img)
+
+
+class ToNormalizedTensor:
+    """ToTensor followed by Normalize in one pass over uint8 pixels: (x - 255 mean) / (255 std)."""
+
+    def __init__(self, mean, std):
+        self.mean_C11 = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
+        self.inv_std_C11 = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0)
+
+    def __call__(self, pic) -> torch.Tensor:
+        import numpy as np
+
+        arr = np.asarray(pic)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != self.mean_C11.shape[0]:
+            from torchvision.transforms import functional as F
+
+            return F.normalize(F.to_tensor(pic), (self.mean_C11 / 255.0).flatten().tolist(),
+                               (1.0 / (self.inv_std_C11 * 255.0)).flatten().tolist())
+        chw = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
+        return chw.sub_(self.mean_C11).mul_(self.inv_std_C11)
+
+
+def fast_preprocess(preprocess: Callable) -> tuple[Callable, int | None]:
+    """(transform, draft side) for an open_clip/torchvision Compose: the same transform with ToTensor +
+    Normalize fused, and the smallest shorter side the first resize needs so that it never upsamples (used to
+    decode JPEGs at reduced size); other callables are returned unchanged with no draft side."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if not isinstance(preprocess, T.Compose) or len(steps) < 2:
+        return preprocess, None
+    *head, to_tensor, normalize = steps
+    if isinstance(normalize, T.Normalize) and type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor"):
+        transform = T.Compose(head + [ToNormalizedTensor(normalize.mean, normalize.std)])
+    else:
+        transform = preprocess
+    first = steps[0]
+    draft = None
+    if isinstance(first, T.RandomResizedCrop):
+        # The crop keeps >= scale[0] of the area at aspect >= min(ratio, 1/ratio); its shorter side is at least
+        # sqrt(scale[0] * aspect) of the image's shorter side, and it is resized to max(size).
+        aspect = min(first.ratio[0], 1.0 / first.ratio[1], 1.0)
+        draft = math.ceil(max(first.size) / math.sqrt(first.scale[0] * aspect))
+    elif isinstance(first, T.Resize):
+        size = first.size
+        draft = size if isinstance(size, int) else (size[0] if len(size) == 1 else max(size))
+        if first.max_size is not None:
+            draft = None
+    return transform, draft
+
+
+# ---------------------------------------------------------------- the plan of each slot
+
+@dataclass
+class Plan:
+    """What every slot needs to rebuild its stream; picklable for DataLoader workers."""
+
+    urls: list[str]
+    sizes: list[int | None]
+    resampled: bool
+    shard_weights: list[float]  # resampled mode: the chance of drawing each shard (sums to 1)
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    block_samples: int
+    shuffle_buffer: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s or 0 for s in self.sizes)
+
+    def epoch_ranges(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
+        """Slot `slot`'s piece of epoch `epoch`: [(shard, first sample, end)] in reading order."""
+        num_slots = self.world_size * max(1, self.num_workers)
+        order = list(range(len(self.urls)))
+        random.Random(make_seed(self.seed, epoch, 0x5A4D)).shuffle(order)
+        base, extra = divmod(self.num_samples, num_slots)
+        # The extra samples go to the `extra` slots after the previous epoch's: a rotating window.
+        gets_extra = [(k - epoch * extra) % num_slots < extra for k in range(num_slots)]
+        start = slot * base + sum(gets_extra[:slot])
+        stop = start + base + gets_extra[slot]
+        ranges, position = [], 0
+        for shard in order:
+            size = self.sizes[shard] or 0
+            lo, hi = max(start, position), min(stop, position + size)
+            if lo < hi:
+                ranges.append((shard, lo - position, hi - position))
+            position += size
+            if position >= stop:
+                break
+        return ranges
+
+    def blocks(self, epoch: int, slot: int) -> list[list[tuple[int, int, int]]]:
+        """Epoch-exact mode: the slot's piece cut into blocks of whole ranges of >= block_samples samples."""
+        blocks, current, count = [], [], 0
+        for shard, lo, hi in self.epoch_ranges(epoch, slot):
+            current.append((shard, lo, hi))
+            count += hi - lo
+            if count >= self.block_samples:
+                blocks.append(current)
+                current, count = [], 0
+        if current:
+            blocks.append(current)
+        return blocks
+
+    def resampled_block(self, worker: int, block: int) -> list[tuple[int, int, int | None]]:
+        """Resampled mode: shards drawn with replacement until the block holds >= block_samples samples."""
+        rng = random.Random(make_seed(self.seed, self.rank, worker, block, 0x2E5A))
+        ranges, count = [], 0
+        while count < self.block_samples:
+            shard = rng.choices(range(len(self.urls)), weights=self.shard_weights)[0]
+            size = self.sizes[shard]
+            ranges.append((shard, 0, size))
+            count += size if size is not None else self.guessed_size
+        return ranges
+
+    @property
+    def guessed_size(self) -> float:
+        """The size assumed for a shard that was not counted (remote shards without sizes.json)."""
+        known = [s for s in self.sizes if s]
+        return sum(known) / len(known) if known else 1000.0
+
+
+@dataclass
+class SlotState:
+    epoch: int = 0
+    block: int = 0
+    offset: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "block": self.block, "offset": self.offset, "skipped": dict(self.skipped)}
+
+
+@dataclass
+class StreamSpec:
+    plan: Plan
+    slots: list[SlotState]
+    worker_offset: int
+    batch_size: int
+    transform: Callable
+    draft_side: int | None
+    tokenizer: Callable
+    image_key: str
+    caption_key: str
+    class_sets: list
+    class_set_of_shard: list[int]
 
 
 def _first_key(sample: dict, keys: str):
@@ -63,79 +375,128 @@ def _first_key(sample: dict, keys: str):
     return None
 
 
-@dataclass
-class StreamSpec:
-    """What a worker needs to rebuild its stream; picklable for DataLoader workers."""
+class _SlotStream(IterableDataset):
+    """One slot's batches: (images_BCHW, tokens_BL, meta) with meta holding the position after the batch."""
 
-    sources: list[list[str]]
-    weights: list[float]
-    cfg: DataConfig
-    preprocess: Callable
-    tokenizer: Callable
-    batch_size: int
-    seed: int
-    rank: int
-    skip_per_worker: list[int]
-    # DataLoader worker i plays logical stream (i + worker_offset) % num_workers, so that a resumed loader,
-    # whose first batch comes from DataLoader worker 0, continues the round-robin where the last one stopped.
-    worker_offset: int = 0
-
-
-class _TrainStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
 
-    def _shard_urls(self, rng: random.Random) -> Iterator[str]:
-        sources, weights = self.spec.sources, self.spec.weights
+    def _blocks(self, worker: int, state: SlotState) -> Iterator[tuple[int, int, list, tuple[int, int, int]]]:
+        """(epoch, block, ranges, position of the next block's start) from the slot's position on."""
+        plan = self.spec.plan
+        slot = plan.rank * max(1, plan.num_workers) + worker
+        epoch, block = state.epoch, state.block
         while True:
-            source = rng.choices(range(len(sources)), weights=weights)[0] if len(sources) > 1 else 0
-            yield rng.choice(sources[source])
+            if plan.resampled:
+                yield epoch, block, plan.resampled_block(worker, block), (epoch, block + 1, 0)
+                block += 1
+                continue
+            blocks = plan.blocks(epoch, slot)
+            for b in range(block, len(blocks)):
+                yield epoch, b, blocks[b], (epoch, b + 1, 0) if b + 1 < len(blocks) else (epoch + 1, 0, 0)
+            epoch, block = epoch + 1, 0
 
-    def __iter__(self):
+    def _samples(self, worker: int, state: SlotState) -> Iterator[tuple[dict, tuple, tuple]]:
+        """(raw sample, its position, the position after it) from the slot's position on. The position after
+        the last sample of a block is the next block's start, so a finished epoch reads as finished."""
         import webdataset as wds
 
-        spec, cfg = self.spec, self.spec.cfg
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        worker = (worker + spec.worker_offset) % num_workers
-        stream_seed = make_seed(spec.seed, spec.rank, worker)
-        skipped = {"corrupt": 0}
+        plan = self.spec.plan
+        offset = state.offset
+        for epoch, block, ranges, next_block in self._blocks(worker, state):
+            raw = (s for shard, lo, hi in ranges for s in _tag(read_shard(plan.urls[shard], lo, hi), shard))
+            if plan.shuffle_buffer > 1:
+                rng = random.Random(make_seed(plan.seed, epoch, plan.rank, worker, block, 0x5F))
+                raw = wds.shuffle(plan.shuffle_buffer, min(plan.shuffle_buffer, 100), rng=rng)(raw)
+            ahead = next(raw, None)
+            index = 0
+            while ahead is not None:
+                sample, ahead = ahead, next(raw, None)
+                if index >= offset:
+                    yield sample, (epoch, block, index), (epoch, block, index + 1) if ahead is not None else next_block
+                index += 1
+            offset = 0
 
-        def count_and_continue(exn):
-            skipped["corrupt"] += 1
-            return True
-
-        rng = random.Random(stream_seed)
-        raw = wds.tarfile_to_samples(handler=count_and_continue)({"url": u} for u in self._shard_urls(rng))
-        if cfg.shuffle_buffer > 1:
-            raw = wds.filters._shuffle(raw, cfg.shuffle_buffer, min(cfg.shuffle_buffer, 100),
-                                       rng=random.Random(stream_seed + 1))
-        to_skip = spec.skip_per_worker[worker] if worker < len(spec.skip_per_worker) else 0
-        position = 0
-        images, texts = [], []
-        for sample in raw:
-            position += 1
-            if position <= to_skip:
-                continue
+    def _process(self, sample: dict, seed: int) -> tuple[torch.Tensor, str]:
+        """Decode, augment and caption one sample; raises _Skipped."""
+        spec = self.spec
+        if "__bad__" in sample:
+            raise _Skipped(sample["__bad__"])
+        img_bytes = _first_key(sample, spec.image_key)
+        if img_bytes is None:
+            raise _Skipped("no_image")
+        txt = _first_key(sample, spec.caption_key)
+        rng = random.Random(seed)
+        if txt is not None:
             try:
-                img_bytes = _first_key(sample, cfg.image_key)
-                txt = _first_key(sample, cfg.caption_key)
-                if img_bytes is None or txt is None:
-                    raise ValueError("sample lacks an image or a caption")
                 caption = txt.decode("utf-8") if isinstance(txt, bytes) else str(txt)
-                torch.manual_seed(make_seed(stream_seed, position))
-                image = spec.preprocess(decode_image(img_bytes))
-            except Exception:
-                skipped["corrupt"] += 1
-                continue
-            images.append(image)
-            texts.append(caption)
-            if len(images) == spec.batch_size:
-                meta = {"worker": worker, "position": position, "skipped": dict(skipped)}
-                yield torch.stack(images), spec.tokenizer(texts), meta
-                images, texts = [], []
+            except UnicodeDecodeError:
+                raise _Skipped("bad_caption") from None
+        else:
+            class_set = spec.class_set_of_shard[sample["__shard__"]]
+            if "cls" not in sample or class_set < 0:
+                raise _Skipped("no_caption")
+            classnames, templates = spec.class_sets[class_set]
+            try:
+                label = int(sample["cls"])
+                caption = rng.choice(templates).format(c=classnames[label])
+            except (ValueError, TypeError, IndexError):
+                raise _Skipped("no_caption") from None
+        if not caption.strip():
+            raise _Skipped("bad_caption")
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            image = spec.transform(decode_image(img_bytes, draft_side=spec.draft_side))
+        except Exception:
+            raise _Skipped("bad_image") from None
+        return image, caption
 
+    def __iter__(self):
+        spec, plan = self.spec, self.spec.plan
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker_id + spec.worker_offset) % num_workers
+        state = spec.slots[worker]
+        skipped = dict(state.skipped)
+        images, captions, keys = [], [], []
+        in_main_process = info is None
+        for sample, (epoch, block, index), after in self._samples(worker, state):
+            seed = make_seed(plan.seed, epoch, plan.rank, worker, block, index)
+            saved = (torch.get_rng_state(), random.getstate()) if in_main_process else None
+            try:
+                image, caption = self._process(sample, seed)
+            except _Skipped as e:
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                continue
+            finally:
+                if saved is not None:  # keep the training process's own random streams untouched
+                    torch.set_rng_state(saved[0])
+                    random.setstate(saved[1])
+            images.append(image)
+            captions.append(caption)
+            keys.append(f"{sample.get('__url__')}#{sample.get('__key__')}")
+            if len(images) == spec.batch_size:
+                meta = {"worker": worker, "position": after, "skipped": dict(skipped),
+                        "keys": keys}
+                yield torch.stack(images), spec.tokenizer(captions), meta
+                images, captions, keys = [], [], []
+
+
+class _Skipped(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _tag(samples: Iterator[dict], shard: int) -> Iterator[dict]:
+    for sample in samples:
+        sample["__shard__"] = shard
+        yield sample
+
+
+# ---------------------------------------------------------------- the loader
 
 class TrainLoader:
     """Iterates (images_BCHW, tokens_BL) batches for one rank and knows how to resume its position."""
@@ -144,48 +505,131 @@ class TrainLoader:
                  seed: int, world: WorldInfo):
         self.cfg = cfg
         self.sources = expand_sources(cfg.train)
-        weights = list(cfg.train_weights) or [1.0] * len(self.sources)
-        if len(weights) != len(self.sources):
-            raise UserError(f"data.train_weights has {len(weights)} weights for {len(self.sources)} '::' sources")
-        self.weights = weights
-        self.preprocess, self.tokenizer = preprocess, tokenizer
+        if cfg.train_weights and len(cfg.train_weights) != len(self.sources):
+            raise UserError(f"data.train_weights has {len(cfg.train_weights)} weights for {len(self.sources)} "
+                            f"'::' sources")
+        if cfg.train_weights and not cfg.resampled:
+            raise UserError("data.train_weights needs data.resampled=true: epoch-exact mode reads every sample once "
+                            "per epoch, so sources cannot be weighted")
+        urls = [u for source in self.sources for u in source]
+        sizes = shard_sizes(urls, count_unknown=not cfg.resampled or all(_is_local(u) for u in urls))
+        num_workers = cfg.num_workers
+        if not cfg.resampled and sum(s or 0 for s in sizes) == 0:
+            raise UserError(f"data.train {cfg.train!r} holds no samples")
+        self.plan = Plan(urls=urls, sizes=sizes, resampled=cfg.resampled,
+                         shard_weights=self._shard_weights(sizes), seed=seed, rank=world.rank,
+                         world_size=world.world_size, num_workers=num_workers,
+                         block_samples=cfg.block_samples or max(1000, 10 * cfg.shuffle_buffer),
+                         shuffle_buffer=cfg.shuffle_buffer)
+        self.transform, self.draft_side = fast_preprocess(preprocess) if cfg.fast_decode else (preprocess, None)
+        self.class_sets, self.class_set_of_shard = _class_caption_sets(urls)
+        self.tokenizer = tokenizer
         self.batch_size = batch_size_per_rank
         self.seed, self.world = seed, world
-        self.num_workers = cfg.num_workers
-        self.position = [0] * max(1, self.num_workers)
+        self.num_workers = num_workers
+        self.slots = [SlotState() for _ in range(max(1, num_workers))]
         self.num_batches = 0
-        self.skipped = [dict() for _ in range(max(1, self.num_workers))]
+        self.last_keys: list[str] = []
 
-    def state_dict(self) -> dict:
-        return {"position": list(self.position), "num_batches": self.num_batches, "num_workers": self.num_workers, "rank": self.world.rank,
-                "world_size": self.world.world_size, "seed": self.seed, "skipped": [dict(s) for s in self.skipped]}
+    def _shard_weights(self, sizes: list[int | None]) -> list[float]:
+        """Draw chances per shard. A drawn shard is read whole, so equal chances make every sample equally
+        likely; data.train_weights are shares of samples: a source's chance is its weight divided by the
+        samples one of its shards holds on average, spread evenly over its shards."""
+        known = [s for s in sizes if s]
+        guess = sum(known) / len(known) if known else 1.0
+        size = [float(guess if s is None else s) for s in sizes]
+        if not any(size):
+            raise UserError(f"data.train {self.cfg.train!r} holds no samples")
+        weights = self.cfg.train_weights or [1.0] * len(self.sources)
+        chances, start = [], 0
+        for source, weight in zip(self.sources, weights):
+            own = size[start:start + len(source)]
+            start += len(source)
+            if not sum(own):
+                if self.cfg.train_weights and weight > 0:
+                    raise UserError(f"the data.train source starting at {source[0]} holds no samples but has a weight")
+                chances += [0.0] * len(own)
+                continue
+            per_shard = sum(own) / len(own)
+            share = weight / per_shard if self.cfg.train_weights else 1.0
+            chances += [share / len(own) if self.cfg.train_weights else (1.0 if s else 0.0) for s in own]
+        total = sum(chances)
+        return [c / total for c in chances]
 
-    def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("num_workers", self.num_workers), ("world_size", self.world.world_size), ("seed", self.seed)):
-            if state[key] != mine:
-                raise UserError(f"cannot resume the data stream exactly: the checkpoint has {key}={state[key]}, "
-                                f"this run {mine}; use the same value")
-        self.position = list(state["position"])
-        self.num_batches = int(state["num_batches"])
-        self.skipped = [dict(s) for s in state["skipped"]]
+    # -- position
+
+    @property
+    def epoch(self) -> int:
+        """Epoch-exact: the epoch the next batch starts in (the earliest over this rank's slots).
+        Resampled: complete passes over the data's size, counted in samples this rank's slots have read."""
+        if not self.plan.resampled:
+            return min(s.epoch for s in self.slots)
+        return 0 if not self.plan.num_samples else \
+            self.num_batches * self.batch_size * self.world.world_size // self.plan.num_samples
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Samples this rank skipped so far, by reason (see SKIP_REASONS)."""
+        totals: dict[str, int] = {}
+        for slot in self.slots:
+            for reason, count in slot.skipped.items():
+                totals[reason] = totals.get(reason, 0) + count
+        return dict(sorted(totals.items()))
 
     @property
     def num_skipped(self) -> int:
-        return sum(sum(s.values()) for s in self.skipped)
+        return sum(self.skipped_by_reason().values())
 
-    def __iter__(self):
-        spec = StreamSpec(self.sources, self.weights, self.cfg, self.preprocess, self.tokenizer, self.batch_size,
-                          self.seed, self.world.rank, list(self.position),
-                          worker_offset=self.num_batches % max(1, self.num_workers))
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.plan.urls, self.plan.sizes]).encode())
+        return digest.hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        return {"version": 2, "resampled": self.plan.resampled, "num_workers": self.num_workers,
+                "world_size": self.world.world_size, "rank": self.world.rank, "seed": self.seed,
+                "data": self._fingerprint(), "num_batches": self.num_batches,
+                "slots": [s.as_dict() for s in self.slots]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 2:
+            raise UserError("the checkpoint's data position comes from an older loader and cannot be resumed exactly")
+        for key, mine in (("resampled", self.plan.resampled), ("num_workers", self.num_workers),
+                          ("world_size", self.world.world_size), ("rank", self.world.rank), ("seed", self.seed)):
+            if state[key] != mine:
+                raise UserError(f"cannot resume the data stream exactly: the checkpoint has {key}={state[key]}, "
+                                f"this run {mine}; use the same value")
+        if state["data"] != self._fingerprint():
+            raise UserError("cannot resume the data stream exactly: data.train names other shards (or shards of "
+                            "other sizes) than the checkpoint's run; train on the same shards to resume")
+        self.num_batches = int(state["num_batches"])
+        self.slots = [SlotState(s["epoch"], s["block"], s["offset"], dict(s["skipped"])) for s in state["slots"]]
+
+    # -- iteration
+
+    def batches_with_keys(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """(images_BCHW, tokens_BL, sample keys "url#key"), advancing the position batch by batch."""
+        num_slots = max(1, self.num_workers)
+        spec = StreamSpec(plan=self.plan, slots=[SlotState(**s.as_dict()) for s in self.slots],
+                          worker_offset=self.num_batches % num_slots, batch_size=self.batch_size,
+                          transform=self.transform, draft_side=self.draft_side, tokenizer=self.tokenizer,
+                          image_key=self.cfg.image_key, caption_key=self.cfg.caption_key,
+                          class_sets=self.class_sets, class_set_of_shard=self.class_set_of_shard)
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
-        loader = DataLoader(_TrainStream(spec), batch_size=None, num_workers=self.num_workers, **kwargs)
-        for images, texts, meta in loader:
-            self.position[meta["worker"]] = meta["position"]
-            self.skipped[meta["worker"]] = meta["skipped"]
+        # The DataLoader draws a base seed from this generator, not the global one, so starting the loader
+        # does not move the training process's random stream (every sample is seeded by position anyway).
+        loader = DataLoader(_SlotStream(spec), batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.seed), **kwargs)
+        for images, tokens, meta in loader:
+            epoch, block, offset = meta["position"]
+            self.slots[meta["worker"]] = SlotState(epoch, block, offset, meta["skipped"])
             self.num_batches += 1
-            yield images, texts
+            self.last_keys = meta["keys"]
+            yield images, tokens, meta["keys"]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, tokens, _ in self.batches_with_keys():
+            yield images, tokens
 
 
 def eval_samples(spec: str, *, handler_counts: dict | None = None) -> Iterator[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,10 +35,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(out_dir: Path, shard_id: int, samples: Iterable[dict], *, extra_stats: dict | None = None) -> dict:
+def write_shard(out_dir: Path, shard_id: int, samples: Iterable[dict], *, failures: Iterable[dict] = (),
+                extra_stats: dict | None = None) -> dict:
     """Write one shard atomically from samples {"jpg": bytes, "txt": str, "json": dict, optional "cls": int}.
 
-    Keys are assigned here (shard id + index). Returns the shard's stats dict.
+    Keys are assigned here: shard id + the sample's "index" (its input position, as img2dataset numbers
+    inputs, so skipped inputs leave gaps) or its position in `samples`. `failures` are rows
+    {"index", "status", "error_message", ...} for inputs that became no sample: they appear in the parquet
+    and the stats, not in the tar. Returns the shard's stats dict.
     """
     import webdataset as wds
 
@@ -47,8 +52,8 @@ def write_shard(out_dir: Path, shard_id: int, samples: Iterable[dict], *, extra_
     tar_tmp = out_dir / f"{name}.tar.tmp"
     rows = []
     with wds.TarWriter(str(tar_tmp), mtime=0, user="", group="", encoder=False) as sink:
-        for index, sample in enumerate(samples):
-            key = sample_key(shard_id, index)
+        for position, sample in enumerate(samples):
+            key = sample_key(shard_id, sample.get("index", position))
             meta = dict(sample.get("json", {}))
             meta.update(key=key, caption=sample["txt"])
             record = {"__key__": key, "jpg": sample["jpg"], "txt": sample["txt"].encode("utf-8"),
@@ -58,20 +63,47 @@ def write_shard(out_dir: Path, shard_id: int, samples: Iterable[dict], *, extra_
             sink.write(record)
             row = {"key": key, "caption": sample["txt"], "status": "success", "error_message": None}
             row.update({k: v for k, v in meta.items() if k not in row})
-            rows.append(row)
+            rows.append((sample.get("index", position), row))
     os.replace(tar_tmp, out_dir / f"{name}.tar")
-    table = pa.Table.from_pylist([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()}
-                                  for r in rows])
+    status = Counter({"success": len(rows)})
+    for failure in failures:
+        failure = dict(failure)
+        index = failure.pop("index")
+        row = {"key": sample_key(shard_id, index), "caption": None, "status": failure.pop("status"),
+               "error_message": failure.pop("error_message", None)}
+        row.update(failure)
+        status[row["status"]] += 1
+        rows.append((index, row))
+    rows = [row for _, row in sorted(rows, key=lambda r: r[0])]
+    table = _rows_to_table(rows)
     pq_tmp = out_dir / f"{name}.parquet.tmp"
     pq.write_table(table, pq_tmp)
     os.replace(pq_tmp, out_dir / f"{name}.parquet")
     end = time.time()
-    stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
-             "duration": end - start, "start_time": start, "end_time": end, "status_dict": {"success": len(rows)}}
+    successes = status["success"]
+    stats = {"count": len(rows), "successes": successes, "failed_to_download": 0,
+             "failed_to_resize": len(rows) - successes, "duration": end - start, "start_time": start,
+             "end_time": end, "status_dict": dict(status)}
     if extra_stats:
         stats.update(extra_stats)
     _atomic_write_bytes(out_dir / f"{name}_stats.json", json.dumps(stats, indent=2).encode())
     return stats
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    """A parquet table over the union of the rows' columns; a column of mixed types is stored as text."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    columns = {}
+    for name in names:
+        values = [r.get(name) for r in rows]
+        values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in values]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            columns[name] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    if not names:
+        return pa.table({"key": pa.array([], type=pa.string())})
+    return pa.table(columns)
 
 
 def write_sizes(out_dir: Path) -> dict:
