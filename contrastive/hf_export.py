@@ -9,6 +9,7 @@ with GELU or QuickGELU. Anything else is refused with the reason, never exported
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -241,6 +242,7 @@ def uses_clip_bpe(text_cfg: dict) -> bool:
             and kwargs.get("clean", "lower") == "lower" and not kwargs.get("reduction_mask"))
 
 
+@functools.lru_cache(maxsize=1)
 def clip_bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's BPE vocabulary and merges, rebuilt from the file open_clip ships (no download)."""
     import gzip
@@ -262,7 +264,7 @@ def build_tokenizer(context_length: int):
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_bpe_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=context_length)
 
 
 def write_tokenizer_files(out: Path, context_length: int) -> None:

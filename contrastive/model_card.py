@@ -23,7 +23,11 @@ model = CLIPModel.from_pretrained("{out}")
 processor = CLIPProcessor.from_pretrained("{out}")
 inputs = processor(text=["a photo of a cat"], images=image, return_tensors="pt", padding="max_length")
 logits_per_image = model(**inputs).logits_per_image
-```""",
+```
+The tokenizer gives open_clip's token ids on clean text; open_clip also applies `ftfy.fix_text` and
+`html.unescape` to raw text first, so do that for scraped captions. The image processor's default
+(torchvision) backend resizes slightly differently from open_clip's PIL resize for images of another
+size; images already at the model's size give identical pixel values.""",
     "onnx": """```python
 import onnxruntime as ort
 image_encoder = ort.InferenceSession("{out}/image_encoder.onnx")   # pixel_values (B,3,H,W) -> image_embeds
