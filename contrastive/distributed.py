@@ -35,6 +35,13 @@ def current_world(group=None) -> WorldInfo:
     return WorldInfo(dist.get_rank(group), dist.get_world_size(group), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def rank_and_world_size(group=None) -> tuple[int, int]:
+    """This process's rank in `group` and the group's size; (0, 1) without an initialised process group."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def all_gather_with_grad(tensor_BD: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate `tensor_BD` from every rank along dim 0, keeping the graph.
 
@@ -42,13 +49,94 @@ def all_gather_with_grad(tensor_BD: torch.Tensor, group=None) -> torch.Tensor:
     receives the gradient of every rank's loss term that used it. World size 1 returns the input.
     Shapes: (B, D) per rank -> (world_size * B, D); every rank must pass the same B.
     """
-    if group is None and not (dist.is_available() and dist.is_initialized()):
+    if rank_and_world_size(group)[1] == 1:
         return tensor_BD
-    if dist.get_world_size(group) == 1:
-        return tensor_BD
-    import torch.distributed.nn.functional as dist_fn
+    return _AllGather.apply(group, tensor_BD)
 
-    return torch.cat(dist_fn.all_gather(tensor_BD, group=group), dim=0)
+
+class _AllGather(torch.autograd.Function):
+    # Not torch.distributed.nn.functional.all_gather: on gloo its backward emulates reduce-scatter with
+    # scatters addressed by group rank, which fails for any group other than the default one.
+
+    @staticmethod
+    def forward(ctx, group, tensor_BD):
+        ctx.group = group
+        tensor_BD = tensor_BD.contiguous()
+        out = tensor_BD.new_empty((rank_and_world_size(group)[1] * tensor_BD.shape[0], *tensor_BD.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor_BD, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_GD):
+        grad_GD = grad_GD.contiguous()
+        out = grad_GD.new_empty((grad_GD.shape[0] // rank_and_world_size(ctx.group)[1], *grad_GD.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad_GD, group=ctx.group)
+        return None, out
+
+
+def all_gather_no_grad(tensor_B: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate `tensor_B` from every rank along dim 0, outside autograd (for use inside backward passes)."""
+    _, world_size = rank_and_world_size(group)
+    if world_size == 1:
+        return tensor_B
+    tensor_B = tensor_B.contiguous()
+    out = tensor_B.new_empty((world_size * tensor_B.shape[0], *tensor_B.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor_B, group=group)
+    return out
+
+
+def all_reduce_softmax_stats_(peak: torch.Tensor, total: torch.Tensor, group=None) -> None:
+    """Combine per-rank softmax statistics in place: `peak` becomes the max over ranks and `total` (a sum
+    of exp(x - peak) on each rank) the sum over ranks of exp(x - new peak); elementwise, without overflow."""
+    if rank_and_world_size(group)[1] == 1:
+        return
+    new_peak = peak.clone()
+    dist.all_reduce(new_peak, op=dist.ReduceOp.MAX, group=group)
+    total.mul_((peak - new_peak).exp_())
+    dist.all_reduce(total, group=group)
+    peak.copy_(new_peak)
+
+
+def _global_rank(group, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+class _NeighbourShift(torch.autograd.Function):
+    """Send each tensor `shift` ranks around the ring and receive the one sent by the rank `shift` behind;
+    backward sends each gradient back the way its tensor came."""
+
+    @staticmethod
+    def forward(ctx, group, shifts, *tensors):
+        ctx.group, ctx.shifts = group, shifts
+        return tuple(_ring_send_recv(tensors, shifts, group))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        back = _NeighbourShift.apply(ctx.group, tuple(-k for k in ctx.shifts), *grads)
+        return (None, None, *back)
+
+
+def _ring_send_recv(tensors, shifts, group) -> list[torch.Tensor]:
+    rank, world_size = rank_and_world_size(group)
+    ops, received = [], []
+    for tensor, shift in zip(tensors, shifts):
+        tensor = tensor.contiguous()  # gloo refuses strided buffers (e.g. the expanded gradient of a sum)
+        out = torch.empty_like(tensor)
+        ops.append(dist.P2POp(dist.isend, tensor, _global_rank(group, (rank + shift) % world_size), group))
+        ops.append(dist.P2POp(dist.irecv, out, _global_rank(group, (rank - shift) % world_size), group))
+        received.append(out)
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def neighbour_shift_with_grad(tensors: list[torch.Tensor], shifts: list[int], group=None) -> list[torch.Tensor]:
+    """For each tensor, send it to rank (rank + shift) and return the one received from rank (rank - shift).
+
+    Autograd-correct: the gradient of a received tensor goes back to the rank that sent it. Every rank must
+    pass tensors of the same shapes. Used by SigLIP to pass text features around the ring.
+    """
+    return list(_NeighbourShift.apply(group, tuple(shifts), *tensors))
 
 
 def all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
