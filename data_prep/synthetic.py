@@ -111,29 +111,30 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> lis
 
 
 def render(attrs: Attributes, rng: np.random.Generator, image_size: int) -> Image.Image:
-    """Draw at 4x and downsample (anti-aliasing), then add colour jitter and pixel noise."""
+    """Draw the shape's mask at 4x and box-filter it down (anti-aliasing), composite it over the background,
+    then add colour jitter and pixel noise."""
     scale = 4
     side = image_size * scale
     if attrs.background == "textured":
         base = rng.integers(60, 190, size=3)
         tex = rng.normal(0, 25, size=(image_size // 4 + 1, image_size // 4 + 1, 3))
-        tex = np.kron(tex, np.ones((4 * scale, 4 * scale, 1)))[:side, :side]
-        img = Image.fromarray(np.clip(base + tex, 0, 255).astype(np.uint8))
+        bg = base + np.kron(tex, np.ones((4, 4, 1)))[:image_size, :image_size]
     else:
-        bg = np.array(BACKGROUNDS[attrs.background]) + rng.integers(-12, 13, size=3)
-        img = Image.new("RGB", (side, side), tuple(int(v) for v in np.clip(bg, 0, 255)))
-    draw = ImageDraw.Draw(img)
+        bg = np.broadcast_to(np.array(BACKGROUNDS[attrs.background]) + rng.integers(-12, 13, size=3),
+                             (image_size, image_size, 3))
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
     px, py = POSITIONS[attrs.position]
     jitter = rng.uniform(-0.06, 0.06, size=2)
     r = SIZES[attrs.size] * side * rng.uniform(0.9, 1.1)
     cx, cy = (px + jitter[0]) * side, (py + jitter[1]) * side
-    color = tuple(int(v) for v in np.clip(np.array(COLORS[attrs.color]) + rng.integers(-20, 21, size=3), 0, 255))
+    color = np.clip(np.array(COLORS[attrs.color]) + rng.integers(-20, 21, size=3), 0, 255)
     if attrs.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     else:
-        draw.polygon(_polygon(attrs.shape, cx, cy, r, attrs.rotation), fill=color)
-    img = img.resize((image_size, image_size), Image.LANCZOS)
-    arr = np.asarray(img).astype(np.float32) + rng.normal(0, 8, size=(image_size, image_size, 3))
+        draw.polygon(_polygon(attrs.shape, cx, cy, r, attrs.rotation), fill=255)
+    alpha = np.asarray(mask.reduce(scale), dtype=np.float32)[..., None] / 255.0
+    arr = bg * (1 - alpha) + color * alpha + rng.normal(0, 8, size=(image_size, image_size, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
