@@ -125,6 +125,14 @@ def to_gpu(index):
     return gpu_index
 
 
+def move_to_gpu(bundle) -> None:
+    """Embed on the GPU when torch sees one."""
+    import torch
+
+    if torch.cuda.is_available():
+        bundle.model.cuda()
+
+
 def to_cpu(index):
     import faiss
 
@@ -147,12 +155,12 @@ def set_nprobe(index, nprobe: int) -> None:
 
 # ---------------------------------------------------------------- build and tune
 
-def _train_ivf(index, train_ND: np.ndarray, spec: IndexSpec, *, seed: int) -> None:
-    """Train the coarse quantizer (two-level k-means on the CPU for many lists, as faiss.contrib offers) and PQ."""
+def _train_ivf_cpu(index, train_ND: np.ndarray, spec: IndexSpec, *, seed: int) -> None:
+    """Train the coarse quantizer (two-level k-means for many lists, as faiss.contrib offers) and the PQ."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
-    if spec.nlist >= 1024 and not gpu_available():
+    if spec.nlist >= 1024:
         from faiss.contrib.clustering import two_level_clustering
 
         # One level of k-means over nlist centroids costs N*nlist*D per iteration; two levels cost ~sqrt(nlist) less.
@@ -161,8 +169,12 @@ def _train_ivf(index, train_ND: np.ndarray, spec: IndexSpec, *, seed: int) -> No
         faiss.normalize_L2(centroids)
         ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
         ivf.quantizer.is_trained = True
-    ivf.cp.seed = seed
     index.train(train_ND)  # skips the quantizer once it holds nlist centroids; trains PQ for IVF-PQ
+
+
+def _add(index, vectors_ND: np.ndarray, add_batch: int) -> None:
+    for start in range(0, len(vectors_ND), add_batch):
+        index.add(np.ascontiguousarray(vectors_ND[start:start + add_batch], dtype=np.float32))
 
 
 def build_index(vectors_ND: np.ndarray, spec: IndexSpec, *, seed: int = 0, add_batch: int = 262_144,
@@ -172,15 +184,29 @@ def build_index(vectors_ND: np.ndarray, spec: IndexSpec, *, seed: int = 0, add_b
 
     num, dim = vectors_ND.shape
     index = faiss.index_factory(dim, spec.factory(), faiss.METRIC_INNER_PRODUCT)
-    if use_gpu:
-        index = to_gpu(index)
+    train_ND = None
     if spec.kind != "flat":
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.cp.seed = seed
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False  # the factory turns it on; it costs minutes and we never use it
         rng = np.random.default_rng(seed)
         num_train = min(num, max(64 * spec.nlist, 2**16))
         sample = np.sort(rng.choice(num, size=num_train, replace=False)) if num_train < num else np.arange(num)
-        _train_ivf(index, np.ascontiguousarray(vectors_ND[sample], dtype=np.float32), spec, seed=seed)
-    for start in range(0, num, add_batch):
-        index.add(np.ascontiguousarray(vectors_ND[start:start + add_batch], dtype=np.float32))
+        train_ND = np.ascontiguousarray(vectors_ND[sample], dtype=np.float32)
+    if use_gpu and gpu_available():
+        gpu_index = to_gpu(index)
+        if gpu_index is not index:
+            try:
+                if train_ND is not None:
+                    gpu_index.train(train_ND)
+                _add(gpu_index, vectors_ND, add_batch)
+                return gpu_index
+            except Exception as e:
+                print(f"faiss: building on the CPU instead ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if train_ND is not None:
+        _train_ivf_cpu(index, train_ND, spec, seed=seed)
+    _add(index, vectors_ND, add_batch)
     return index
 
 
@@ -354,3 +380,52 @@ def load_index(directory: str | Path, *, use_gpu: bool = True):
         index = to_gpu(index)
     set_nprobe(index, params.nprobe)
     return index, params
+
+
+# ---------------------------------------------------------------- index directories
+
+def clear_index_dir(directory: Path, *, overwrite: bool) -> None:
+    """Refuse to write over an existing index unless asked; then remove only what `contrastive index` wrote."""
+    import shutil
+
+    from eval.embed import IMG_DIR, META_DIR, TEXT_DIR
+
+    ours = [directory / name for name in (IMG_DIR, TEXT_DIR, META_DIR, INDEX_FILE, PARAMS_FILE)]
+    present = [p for p in ours if p.exists()]
+    if present and not overwrite:
+        raise UserError(f"{directory} already holds an index ({present[0].name}); pass --overwrite to replace it")
+    for path in present:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int = 256, kind: str = "auto",
+                    target_recall: float = 0.95, nlist: int = 0, max_flat_gb: float = 16.0,
+                    exact_max: int = EXACT_MAX, overwrite: bool = False, seed: int = 0) -> IndexParams:
+    """`contrastive index`: embed a shard set (clip-retrieval layout), build and tune a FAISS index beside it."""
+    import faiss
+
+    from contrastive.checkpoint import load_for_inference
+    from contrastive.data import expand_sources
+    from eval.embed import read_embeddings, write_embeddings
+
+    if not 0 < target_recall <= 1:
+        raise UserError(f"--target-recall must be in (0, 1], got {target_recall}")
+    expand_sources(data)
+    out = Path(out)
+    clear_index_dir(out, overwrite=overwrite)
+    bundle, info = load_for_inference(model)
+    move_to_gpu(bundle)
+    summary = write_embeddings(bundle, data, out, batch_size=batch_size)
+    image_ND, text_ND, _ = read_embeddings(out)
+    image_ND, text_ND = image_ND.astype(np.float32), text_ND.astype(np.float32)
+    faiss.normalize_L2(image_ND)  # float16 storage leaves norms within ~1e-3 of 1
+    faiss.normalize_L2(text_ND)
+    print(f"building a FAISS index over {len(image_ND)} image embeddings of dimension {image_ND.shape[1]}")
+    index, params = build_tuned_index(image_ND, kind=kind, exact_max=exact_max, nlist=nlist,
+                                      max_flat_bytes=max_flat_gb * 2**30, target_recall=target_recall,
+                                      extra_queries_QD=text_ND, seed=seed)
+    params.extra = {"model": str(Path(model).resolve()), "model_checkpoint": info.get("checkpoint"),
+                    "model_step": info.get("step"), "data": data, "embeddings": summary,
+                    "gpu": gpu_available()}
+    save_index(index, params, out)
+    return params

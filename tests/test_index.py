@@ -1,0 +1,96 @@
+"""FAISS index choice, nprobe tuning against exact search, and save / reload / query round trips."""
+import json
+
+import numpy as np
+import pytest
+
+from contrastive.errors import UserError
+from eval.index import (IndexSpec, build_tuned_index, choose_spec, default_nlist, exact_knn, knn_recall,
+                        load_index, save_index, search_excluding)
+
+
+@pytest.fixture(autouse=True)
+def _one_faiss_thread():
+    """faiss's OpenMP threads spin; on a shared 2-core machine one thread is faster and steadier."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def clustered(num: int, dim: int, *, num_clusters: int, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(num_clusters, size=num)] + noise * rng.normal(size=(num, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_index_type_follows_size():
+    assert choose_spec(50_000, 512).kind == "flat"
+    spec = choose_spec(1_000_000, 512)
+    assert spec == IndexSpec("ivf_flat", nlist=4096) and spec.factory() == "IVF4096,Flat"
+    pq = choose_spec(1_000_000, 512, max_flat_bytes=1e9)
+    assert pq.kind == "ivf_pq" and 512 % pq.m == 0 and pq.factory() == f"IVF4096,PQ{pq.m}x8"
+    assert default_nlist(200_000) == 2048 and default_nlist(100) == 2  # >= 39 points per list
+    with pytest.raises(UserError, match="unknown index type"):
+        choose_spec(10, 4, kind="hnsw")
+
+
+def test_tuned_ivf_reaches_the_target_on_fresh_queries():
+    base = clustered(12_000, 32, num_clusters=60, noise=0.6, seed=0)
+    index, params = build_tuned_index(base, kind="ivf_flat", nlist=64, target_recall=0.95, num_tune_queries=300)
+    assert params.type == "ivf_flat" and params.nlist == 64 and params.measured_recall >= 0.95
+    table = params.tuning
+    assert table[-1]["nprobe"] == params.nprobe
+    if len(table) > 1:  # the smallest nprobe that reaches the target: the one before it did not
+        assert min(table[-2]["recall"].values()) < 0.95
+    # Checked on queries the tuning never saw, against exact search computed here.
+    fresh = clustered(12_500, 32, num_clusters=60, noise=0.6, seed=0)[12_000:]
+    _, approx = index.search(fresh, 10)
+    _, exact = exact_knn(fresh, base, 10)
+    assert knn_recall(approx, exact) >= 0.93
+
+
+def test_search_excluding_drops_only_the_given_id():
+    base = clustered(500, 16, num_clusters=5, noise=0.5, seed=1)
+    index, _ = build_tuned_index(base, kind="flat")
+    D, I = search_excluding(index, base[:20], 5, np.arange(20))
+    assert I.shape == (20, 5) and not (I == np.arange(20)[:, None]).any()
+    D_all, I_all = index.search(base[:20], 6)
+    assert (I == I_all[:, 1:]).all()  # each vector is its own nearest neighbour; the rest keep their order
+    _, I_none = search_excluding(index, base[:3], 5, np.full(3, -1))
+    assert (I_none == I_all[:3, :5]).all()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "ivf_pq"])
+def test_saved_index_reloads_and_gives_the_same_results(tmp_path, kind):
+    base = clustered(4_000, 32, num_clusters=20, noise=0.5, seed=2)
+    index, params = build_tuned_index(base, kind=kind, nlist=16, num_tune_queries=200)
+    queries = clustered(4_100, 32, num_clusters=20, noise=0.5, seed=2)[4_000:]
+    D, I = index.search(queries, 10)
+    save_index(index, params, tmp_path)
+    saved = json.loads((tmp_path / "index.json").read_text())
+    assert saved["dim"] == 32 and saved["count"] == 4_000 and saved["nprobe"] == params.nprobe
+    assert saved["metric"] == "inner_product" and saved["type"] == kind
+    loaded, loaded_params = load_index(tmp_path)
+    D2, I2 = loaded.search(queries, 10)
+    assert (I2 == I).all() and np.array_equal(D2, D)
+    assert loaded_params == params
+
+
+def test_missing_or_partial_index_directories(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_index(tmp_path / "nope")
+    with pytest.raises(UserError, match="incomplete"):
+        load_index(tmp_path)  # an empty folder: no index.json
+    base = clustered(300, 8, num_clusters=3, noise=0.5, seed=3)
+    index, params = build_tuned_index(base, kind="flat")
+    save_index(index, params, tmp_path)
+    (tmp_path / "image.index").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot be read as a faiss index"):
+        load_index(tmp_path)
+    (tmp_path / "image.index").unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        load_index(tmp_path)
