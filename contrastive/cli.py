@@ -197,9 +197,65 @@ def cmd_zeroshot(args) -> int:
     from eval.zeroshot import run_cli
 
     result = run_cli(args)
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
-    print(f"zero-shot {result['label_field']} on {result['num_images']} images: {metrics}")
-    print(f"results: {args.output}")
+    if args.predict:
+        for item in result["predictions"]:
+            labels = ", ".join(f"{p['label']} {p['prob']:.3f}" for p in item["predictions"])
+            print(f"{item['image']}: {labels}")
+    else:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
+        print(f"zero-shot {result['label_field']} on {result['num_images']} images: {metrics}")
+        if args.confusion_matrix:
+            print(f"confusion matrix: {args.confusion_matrix}")
+    if args.output:
+        print(f"results: {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------- index, search, arith-eval
+
+def cmd_index(args) -> int:
+    from eval.index import build_index_dir
+
+    params = build_index_dir(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size,
+                             kind=args.index_type, target_recall=args.target_recall, nlist=args.nlist,
+                             max_flat_gb=args.max_flat_gb, exact_max=args.exact_max, overwrite=args.overwrite,
+                             seed=args.seed)
+    emb = params.extra["embeddings"]
+    probe = f", nprobe {params.nprobe}" if params.nprobe else ""
+    print(f"indexed {params.count} images ({emb['num_skipped']} skipped) as {params.factory}{probe}: "
+          f"recall@{params.recall_k} {params.measured_recall:.3f} against exact search")
+    if params.measured_recall < params.target_recall:
+        print(f"warning: the index reaches recall@{params.recall_k} {params.measured_recall:.3f}, below the target "
+              f"{params.target_recall}; use --index-type ivf_flat or a larger --max-flat-gb")
+    print(f"index directory: {args.out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from eval.search import run_cli
+
+    out = run_cli(args)
+    if out["query"]["excluded_as_query_image"]:
+        print(f"(left out the query image: {', '.join(out['query']['excluded_as_query_image'])})")
+    for r in out["results"]:
+        print(f"{r['rank']:>3}  {r['score']:.4f}  {r['image_path']}  {r.get('caption', '')}")
+    for flag, label in ((args.json, "results"), (args.grid, "grid")):
+        if flag:
+            print(f"{label}: {flag}")
+    return 0
+
+
+def cmd_arith_eval(args) -> int:
+    from eval.arith import run_cli
+
+    result = run_cli(args)
+    print(f"'{result['attribute']}' arithmetic on {result['num_queries']} queries "
+          f"({result['num_skipped_no_target']} left out: no target image), keeping {result['keep']}:")
+    for method, recall in result["recall"].items():
+        print(f"  {method:<16} " + "  ".join(f"R@{k} {v:.3f}" for k, v in recall.items()))
+    best = max(result["weight_sweep"], key=lambda w: result["weight_sweep"][w]["10"])
+    print(f"  best W in the sweep for R@10: {best} ({result['weight_sweep'][best]['10']:.3f})")
+    print(f"results: {args.output}\nchart: {result['plot']}")
     return 0
 
 
@@ -355,21 +411,98 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.train=...")
     tr.set_defaults(func=cmd_train)
 
-    zs = sub.add_parser("zeroshot", help="zero-shot classification of a labelled image set",
-                        formatter_class=_Formatter)
+    zs = sub.add_parser("zeroshot", help="zero-shot classification of a labelled image set, or of single images",
+                        formatter_class=_Formatter,
+                        description="Evaluate on a labelled set (--data, --output) or print the top labels of "
+                                    "single images (--predict IMAGE...).")
     zs.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
-    zs.add_argument("--data", required=True, help="ImageFolder directory or WebDataset shard spec")
-    zs.add_argument("--output", required=True, help="JSON results file (CLIP_benchmark's shape)")
+    zs.add_argument("--data", default=None,
+                    help="ImageFolder directory, WebDataset shard spec, folder of .tar shards, or CLIP_benchmark "
+                         "WebDataset folder (SPLIT/nshards.txt, classnames.txt, zeroshot_classification_templates.txt)")
+    zs.add_argument("--output", default=None, help="JSON results file (CLIP_benchmark's shape); needed with --data")
+    zs.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
+                    help="image files to label; prints the top-k labels with probabilities")
+    zs.add_argument("--top-k", type=int, default=5, help="labels printed per image with --predict")
     group = zs.add_mutually_exclusive_group()
     group.add_argument("--classes", default=None, help="comma-separated class names, in label order")
-    group.add_argument("--classnames", default=None, help="file with one class name per line, in label order")
+    group.add_argument("--classnames", default=None,
+                       help="class names in label order: one per line, or CLIP_benchmark's JSON {dataset: [names]}")
     zs.add_argument("--templates", default=None,
-                    help="prompt templates: a file with one template per line containing {c}, or a built-in "
-                         "set (cifar, imagenet); default: a few generic photo prompts")
+                    help="prompt templates containing {c}: a built-in set (cifar: CLIP's 18, imagenet: CLIP's 80), "
+                         "a file with one per line, CLIP_benchmark's JSON {dataset: [templates]}, or per-class "
+                         "prompt lists as JSON {class: [prompts]}; default: the CLIP_benchmark folder's own "
+                         "templates, else a few generic photo prompts")
+    zs.add_argument("--dataset-name", default=None,
+                    help="which entry of a CLIP_benchmark JSON classnames/templates file to use (e.g. cifar10)")
+    zs.add_argument("--split", default="test", help="split of a CLIP_benchmark WebDataset folder")
     zs.add_argument("--label-field", default="", help="JSON field holding the label (default: the .cls file)")
+    zs.add_argument("--confusion-matrix", default=None, metavar="PNG", help="also draw the confusion matrix here")
     zs.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     zs.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many images (0: all)")
     zs.set_defaults(func=cmd_zeroshot)
+
+    ix = sub.add_parser("index", help="embed a shard set and build a FAISS index for search",
+                        formatter_class=_Formatter,
+                        description="Writes OUT: img_emb/, text_emb/ (float16 .npy parts), metadata/ (Parquet) in "
+                                    "clip-retrieval's layout, then image.index (FAISS) and index.json (its "
+                                    "parameters). Exact search under --exact-max vectors, IVF-Flat above, IVF-PQ "
+                                    "past --max-flat-gb; nprobe is tuned to --target-recall; the GPU is used when "
+                                    "faiss sees one.")
+    ix.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
+    ix.add_argument("--data", required=True, help="WebDataset shard spec of image-caption pairs")
+    ix.add_argument("--out", required=True, help="index directory to write")
+    ix.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    ix.add_argument("--index-type", default="auto", choices=["auto", "flat", "ivf_flat", "ivf_pq"],
+                    help="FAISS index; auto chooses by size")
+    ix.add_argument("--exact-max", type=int, default=100_000, help="auto: exact search up to this many vectors")
+    ix.add_argument("--max-flat-gb", type=float, default=16.0,
+                    help="auto: IVF-PQ instead of IVF-Flat when the float32 vectors pass this size")
+    ix.add_argument("--nlist", type=int, default=0, help="IVF lists (0: the power of two nearest 4*sqrt(N))")
+    ix.add_argument("--target-recall", type=float, default=0.95,
+                    help="IVF: smallest nprobe whose recall@10 against exact search reaches this")
+    ix.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+    ix.add_argument("--seed", type=int, default=0, help="seed of IVF training and tuning samples")
+    ix.set_defaults(func=cmd_index)
+
+    se = sub.add_parser("search", help="search an index by text, image, or embedding arithmetic",
+                        formatter_class=_Formatter,
+                        description="The query is normalise(image + W * (sum(plus) - sum(minus))) with --image, "
+                                    "else the text (plus W * (plus - minus)); the query image itself is never "
+                                    "returned. Example: --image red_car.jpg --minus red --plus blue.")
+    se.add_argument("--index", required=True, help="index directory written by `contrastive index`")
+    se.add_argument("--model", default=None, help="model for the query (default: the one named in index.json)")
+    se.add_argument("--text", action="append", default=None, help="query text (repeatable)")
+    se.add_argument("--image", default=None, help="query image: a file, or the key of an indexed sample")
+    se.add_argument("--plus", action="append", default=None, metavar="T", help="text to add (repeatable)")
+    se.add_argument("--minus", action="append", default=None, metavar="T", help="text to subtract (repeatable)")
+    se.add_argument("--weight", type=float, default=1.0, help="W: weight of the texts added to an image")
+    se.add_argument("-k", type=int, default=10, help="results to return")
+    se.add_argument("--grid", default=None, metavar="PNG", help="contact sheet of the query and its results")
+    se.add_argument("--json", default=None, metavar="FILE", help="results as JSON")
+    se.set_defaults(func=cmd_search)
+
+    ar = sub.add_parser("arith-eval", help="Recall@k of embedding arithmetic on attribute-labelled data",
+                        formatter_class=_Formatter,
+                        description="For each query image and each other value of --attribute, a hit is an image "
+                                    "with that value that keeps the query's --keep attributes. Compares "
+                                    "image - text(value) + text(target) with image only, target text only, and "
+                                    "image + target text (SIMAT / Pic2Word protocol), and sweeps W.")
+    ar.add_argument("--index", required=True, help="index directory written by `contrastive index`")
+    ar.add_argument("--attribute", required=True, help="the attribute to change, e.g. color")
+    ar.add_argument("--keep", default=None,
+                    help="comma-separated attributes a hit must share with the query (default: the other "
+                         "intrinsic ones of the synthetic set present in the metadata: shape, color, size)")
+    ar.add_argument("--model", default=None, help="model for the texts (default: the one named in index.json)")
+    ar.add_argument("--weight", type=float, default=1.0, help="W in image + W * (text(target) - text(value))")
+    ar.add_argument("--weights", default="0.25,0.5,0.75,1,1.5,2,3,4", help="the W sweep")
+    ar.add_argument("--templates", default=None,
+                    help="templates for the value texts (as zeroshot --templates; default: '{c}', "
+                         "'a {c} object', 'a picture of something {c}', averaged)")
+    ar.add_argument("--max-queries", type=int, default=2000, help="query images sampled (0: every image)")
+    ar.add_argument("--seed", type=int, default=0, help="seed of the query sample")
+    ar.add_argument("--output", required=True, help="JSON results file")
+    ar.add_argument("--plot", default=None, help="PNG chart; None: --output with .png")
+    ar.set_defaults(func=cmd_arith_eval)
 
     rep = sub.add_parser("report", help="plots and a one-page HTML summary of a training run",
                          formatter_class=_Formatter,

@@ -27,10 +27,57 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_templates(spec: str | Sequence[str] | None) -> list[str]:
-    """A template file, a built-in set name (cifar, imagenet), or a list; each template must contain {c}."""
+def _json_entry(path: Path, data, dataset: str | None, what: str):
+    """The entry of a CLIP_benchmark-style JSON file ({dataset: [...]}) for `dataset`, or its only entry."""
+    if dataset and dataset in data:
+        return data[dataset]
+    if len(data) == 1:
+        return next(iter(data.values()))
+    hint = f"--dataset-name {dataset!r} is not one of them" if dataset else "pick one with --dataset-name"
+    raise UserError(f"{what} file {path} holds several datasets ({', '.join(sorted(data)[:8])}...); {hint}")
+
+
+def read_json(path: str | Path, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} file {path} is not valid JSON ({e})") from None
+
+
+def load_classnames(path: str | Path, *, dataset: str | None = None) -> list[str]:
+    """One class per line, a JSON list, or CLIP_benchmark's JSON ({dataset: [class, ...]})."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return check_classes(read_lines(path, "classnames"))
+    data = read_json(path, "classnames")
+    if isinstance(data, dict):
+        data = _json_entry(path, data, dataset, "classnames")
+    if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
+        raise UserError(f"classnames file {path} must hold a list of class names (or {{dataset: [names]}})")
+    return check_classes(data)
+
+
+def load_templates(spec: str | Sequence[str] | None, *, dataset: str | None = None,
+                   classes: Sequence[str] | None = None) -> list[str] | dict[str, list[str]]:
+    """Prompt templates, each with a {c} placeholder: a built-in set (cifar, imagenet), a text file (one per line),
+    a JSON list, or CLIP_benchmark's JSON ({dataset: [templates]}). Or per-class prompt lists: a JSON
+    {class name: [prompt, ...]} (CuPL's format, which CLIP_benchmark also reads), returned as a dict."""
     if not spec:
         templates = list(DEFAULT_TEMPLATES)
+    elif isinstance(spec, str) and spec.lower().endswith(".json"):
+        data = read_json(spec, "templates")
+        if isinstance(data, dict) and classes is not None and not (dataset and dataset in data) \
+                and set(classes) & set(data):
+            return per_class_prompts(Path(spec), data, classes)
+        if isinstance(data, dict):
+            data = _json_entry(Path(spec), data, dataset, "templates")
+        if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+            raise UserError(f"templates file {spec} must hold a list of templates, {{dataset: [templates]}} or "
+                            f"{{class: [prompts]}}")
+        templates = [t.strip() for t in data if t.strip()]
     elif isinstance(spec, str):
         builtin = TEMPLATE_DIR / f"{spec}.txt"
         templates = read_lines(builtin if builtin.is_file() else spec, "templates")
@@ -42,6 +89,17 @@ def load_templates(spec: str | Sequence[str] | None) -> list[str]:
         if "{c}" not in t:
             raise UserError(f"template {t!r} has no {{c}} placeholder for the class name")
     return templates
+
+
+def per_class_prompts(path: Path, data: dict, classes: Sequence[str]) -> dict[str, list[str]]:
+    missing = [c for c in classes if not data.get(c)]
+    if missing:
+        raise UserError(f"per-class prompts file {path} has no prompts for classes {missing[:5]}")
+    prompts = {c: [p.strip() for p in data[c] if isinstance(p, str) and p.strip()] for c in classes}
+    empty = [c for c, ps in prompts.items() if not ps]
+    if empty:
+        raise UserError(f"per-class prompts file {path} has only empty prompts for classes {empty[:5]}")
+    return prompts
 
 
 def check_classes(classes: Sequence[str]) -> list[str]:
@@ -165,10 +223,23 @@ def class_embeddings(model, tokenizer, classes: Sequence[str], templates: Sequen
     """(C, D) normalised class embeddings: each class's template embeddings averaged, as CLIP does."""
     from open_clip import build_zero_shot_classifier
 
+    if isinstance(templates, dict):
+        return per_class_embeddings(model, tokenizer, [templates[c] for c in classes])
     fns = [lambda c, t=t: t.format(c=c) for t in templates]
     weights_DC = build_zero_shot_classifier(model, tokenizer, list(classes), fns, num_classes_per_batch=10,
                                             device=next(model.parameters()).device)
     return weights_DC.T.contiguous()
+
+
+@torch.no_grad()
+def per_class_embeddings(model, tokenizer, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(C, D): for each class, the normalised mean of its own prompts' unit embeddings."""
+    device = next(model.parameters()).device
+    rows = []
+    for prompts in prompts_per_class:
+        feats = model.encode_text(tokenizer(list(prompts)).to(device), normalize=True)
+        rows.append(torch.nn.functional.normalize(feats.mean(dim=0), dim=-1))
+    return torch.stack(rows)
 
 
 def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict:
@@ -241,24 +312,118 @@ class ZeroShotEvaluator:
         return out["metrics"]
 
 
-def run_cli(args) -> dict:
-    """`contrastive zeroshot`: evaluate a saved model and write CLIP_benchmark-shaped JSON."""
-    from contrastive.checkpoint import load_for_inference
+# ---------------------------------------------------------------- command line
 
+CLIP_BENCHMARK_CLASSNAMES = "classnames.txt"
+CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
+
+
+def resolve_data(data: str, *, split: str = "test") -> tuple[str, dict]:
+    """--data as given, or a shard spec for a folder: a CLIP_benchmark WebDataset folder (SPLIT/nshards.txt,
+    SPLIT/0.tar.., classnames.txt, zeroshot_classification_templates.txt) or a folder of .tar shards.
+
+    Returns (data, {"classnames": [...] or None, "templates": [...] or None}) from the folder's own files.
+    """
+    found: dict = {"classnames": None, "templates": None}
+    path = Path(data)
+    if not path.is_dir():
+        return data, found
+    if (path / "nshards.txt").is_file():  # the split folder itself was given
+        path, split = path.parent, path.name
+    nshards = path / split / "nshards.txt"
+    splits = sorted(p.parent.name for p in path.glob("*/nshards.txt"))
+    if splits and not nshards.is_file():
+        raise UserError(f"{path} has no split {split!r} (it has {', '.join(splits)}); pass --split")
+    if nshards.is_file():
+        kind = path / "dataset_type.txt"
+        if kind.is_file() and kind.read_text().strip().lower() == "retrieval":
+            raise UserError(f"{path} is a CLIP_benchmark retrieval set, not a classification set")
+        try:
+            count = int(nshards.read_text().strip())
+        except ValueError:
+            raise UserError(f"{nshards} does not hold a shard count") from None
+        if count <= 0:
+            raise UserError(f"{nshards} says {count} shards")
+        if (path / CLIP_BENCHMARK_CLASSNAMES).is_file():
+            found["classnames"] = read_lines(path / CLIP_BENCHMARK_CLASSNAMES, "classnames")
+        if (path / CLIP_BENCHMARK_TEMPLATES).is_file():
+            found["templates"] = read_lines(path / CLIP_BENCHMARK_TEMPLATES, "templates")
+        return str(path / split / f"{{0..{count - 1}}}.tar") if count > 1 else str(path / split / "0.tar"), found
+    if (path / split).is_dir() and not any(path.glob("*.tar")) and any((path / split).glob("*.tar")):
+        path = path / split
+    shards = sorted(p.name for p in path.glob("*.tar"))
+    if shards:
+        return (str(path / shards[0]) if len(shards) == 1 else f"{path}/{{{','.join(shards)}}}"), found
+    return data, found
+
+
+@torch.no_grad()
+def predict(bundle, paths: Sequence[str], classes: Sequence[str], templates, *, top_k: int = 5) -> list[dict]:
+    """Top-k labels with probabilities (softmax of the model's own logit scale times cosine) per image file."""
+    from eval.search import read_image
+
+    images = [read_image(p) for p in paths]  # every file is checked before any work
+    model = bundle.model
+    device = next(model.parameters()).device
+    weights_CD = class_embeddings(model, bundle.tokenizer, classes, templates)
+    feats = model.encode_image(torch.stack([bundle.preprocess_val(im) for im in images]).to(device), normalize=True)
+    probs_NC = (model.logit_scale.exp().reshape(()) * feats @ weights_CD.T).softmax(dim=-1).cpu()
+    top = probs_NC.topk(min(top_k, len(classes)), dim=-1)
+    return [{"image": str(path), "predictions": [{"label": classes[int(i)], "prob": float(p)}
+                                                  for p, i in zip(top.values[n], top.indices[n])]}
+            for n, path in enumerate(paths)]
+
+
+def run_cli(args) -> dict:
+    """`contrastive zeroshot`: evaluate a saved model on a labelled set (CLIP_benchmark-shaped JSON), or predict
+    labels of single images with --predict."""
+    from contrastive.checkpoint import load_for_inference
+    from eval.index import move_to_gpu
+
+    if args.top_k <= 0:
+        raise UserError(f"--top-k must be > 0, got {args.top_k}")
+    data, found = (resolve_data(args.data, split=args.split) if args.data else (None, {"classnames": None,
+                                                                                        "templates": None}))
     classes = None
     if args.classes is not None:
         classes = check_classes(args.classes.split(","))
     elif args.classnames:
-        classes = check_classes(read_lines(args.classnames, "classnames"))
-    templates = load_templates(args.templates)
-    images = LabelledImages(args.data, label_field=args.label_field, classes=classes, max_samples=args.max_samples)
-    bundle, info = load_for_inference(args.model)
-    out = evaluate(bundle.model, bundle.preprocess_val, bundle.tokenizer, images, templates,
-                   batch_size=args.batch_size, progress=True)
-    result = benchmark_json(dataset=args.data, model=str(args.model), metrics=out["metrics"],
-                            num_images=out["num_images"], num_skipped=out["num_skipped"],
-                            classes=images.classes, label_field=args.label_field or "cls")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
+        classes = load_classnames(args.classnames, dataset=args.dataset_name)
+    elif found["classnames"]:
+        classes = check_classes(found["classnames"])
+    if args.predict:
+        if classes is None:
+            raise UserError("--predict needs the labels: give --classes a,b,c or --classnames FILE")
+        templates = load_templates(args.templates or found["templates"], dataset=args.dataset_name, classes=classes)
+        bundle, _ = load_for_inference(args.model)
+        move_to_gpu(bundle)
+        predictions = predict(bundle, args.predict, classes, templates, top_k=args.top_k)
+        result = {"model": str(args.model), "task": "zeroshot_prediction", "classes": classes,
+                  "predictions": predictions}
+    else:
+        if not data or not args.output:
+            raise UserError("evaluation needs --data (labelled images) and --output (a JSON file); "
+                            "or give --predict IMAGE...")
+        images = LabelledImages(data, label_field=args.label_field, classes=classes, max_samples=args.max_samples)
+        templates = load_templates(args.templates or found["templates"], dataset=args.dataset_name,
+                                   classes=images.classes)
+        bundle, info = load_for_inference(args.model)
+        move_to_gpu(bundle)
+        out = evaluate(bundle.model, bundle.preprocess_val, bundle.tokenizer, images, templates,
+                       batch_size=args.batch_size, progress=True)
+        result = benchmark_json(dataset=args.data, model=str(args.model), metrics=out["metrics"],
+                                num_images=out["num_images"], num_skipped=out["num_skipped"],
+                                classes=images.classes, label_field=args.label_field or "cls")
+        if args.confusion_matrix:
+            from eval.plots import confusion_matrix, plot_confusion
+
+            matrix = confusion_matrix(out["labels"].numpy(), out["logits"].argmax(dim=1).numpy(),
+                                      len(images.classes))
+            plot_confusion(args.confusion_matrix, matrix, images.classes,
+                           title=f"zero-shot {result['label_field']}: acc1 {out['metrics']['acc1']:.3f}")
+            result["confusion_matrix"] = matrix.tolist()
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2))
     return result

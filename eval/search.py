@@ -1,0 +1,233 @@
+"""Search an index directory by text, by image, or by arithmetic on embeddings (image + W * (plus - minus)).
+
+An index directory is what `contrastive index` writes: the clip-retrieval embedding layout (img_emb/, text_emb/,
+metadata/) plus the FAISS index (image.index) and its parameters (index.json, written last).
+
+Letters in names: N gallery images, Q queries, D embedding dim, K results.
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from contrastive.errors import UserError
+from eval.index import load_index, read_params, search_excluding
+
+KEY_COLUMN = "image_path"  # eval/embed.py stores the sample key under clip-retrieval's column name
+# An image embedding this close to the query image's is the query image itself (float16 storage moves the
+# cosine of an image with its own stored embedding by ~1e-6; distinct images sit far lower).
+SAME_IMAGE_COSINE = 0.9999
+
+
+def _read_parts(directory: Path, sub: str, stem: str, ext: str) -> list[Path]:
+    return sorted((directory / sub).glob(f"{stem}_*.{ext}"))
+
+
+class Gallery:
+    """An index directory opened for search: the FAISS index, its parameters and the metadata rows."""
+
+    def __init__(self, directory: str | Path, *, use_gpu: bool = True):
+        import pandas as pd
+
+        from eval.embed import IMG_DIR, META_DIR
+
+        self.dir = Path(directory)
+        self.params = read_params(self.dir)
+        self.index, _ = load_index(self.dir, use_gpu=use_gpu)
+        meta_files = _read_parts(self.dir, META_DIR, "metadata", "parquet")
+        self.image_files = _read_parts(self.dir, IMG_DIR, "img_emb", "npy")
+        if not meta_files or not self.image_files:
+            raise UserError(f"index directory {self.dir} is incomplete (no {META_DIR}/ or {IMG_DIR}/ files); "
+                            f"rebuild it with `contrastive index`")
+        self.metadata = pd.concat([pd.read_parquet(f) for f in meta_files], ignore_index=True)
+        num_rows = sum(np.load(f, mmap_mode="r").shape[0] for f in self.image_files)
+        if len(self.metadata) != self.params.count or num_rows != self.params.count:
+            raise UserError(f"index directory {self.dir} is inconsistent: {self.params.count} indexed vectors, "
+                            f"{num_rows} stored embeddings, {len(self.metadata)} metadata rows; rebuild it")
+        self.keys = self.metadata[KEY_COLUMN].astype(str).tolist()
+
+    @cached_property
+    def image_embeddings(self) -> np.ndarray:
+        """(N, D) float32, L2-normalised as the index holds them."""
+        import faiss
+
+        emb = np.concatenate([np.load(f) for f in self.image_files]).astype(np.float32)
+        faiss.normalize_L2(emb)
+        return emb
+
+    def row_of(self, key: str) -> int | None:
+        try:
+            return self.keys.index(key)
+        except ValueError:
+            return None
+
+    def record(self, row: int) -> dict:
+        """The metadata of one row as plain JSON values."""
+        out = {}
+        for name, value in self.metadata.iloc[row].items():
+            out[name] = value.item() if hasattr(value, "item") else value
+        return out
+
+    def check_model(self, model) -> None:
+        from contrastive.models import embed_dim
+
+        dim = embed_dim(model)
+        if dim != self.params.dim:
+            raise UserError(f"the model embeds to {dim} dimensions but the index at {self.dir} holds "
+                            f"{self.params.dim}-dimensional vectors; use the model the index was built with "
+                            f"({self.params.extra.get('model', 'see index.json')})")
+
+    def search(self, queries_QD: np.ndarray, k: int, exclude_Q: np.ndarray | None = None):
+        return search_excluding(self.index, queries_QD, k, exclude_Q)
+
+
+def compose_query(*, image_D: np.ndarray | None, text_TD: np.ndarray, plus_PD: np.ndarray, minus_MD: np.ndarray,
+                  weight: float) -> np.ndarray:
+    """The unit query vector.
+
+    With an image: normalise(image + W * (sum(texts) + sum(plus) - sum(minus))). Without one:
+    normalise(sum(texts) + W * (sum(plus) - sum(minus))), or of the plus/minus difference alone.
+    All inputs are unit embeddings; an empty group contributes nothing.
+    """
+    dim = next(a.shape[-1] for a in (image_D, text_TD, plus_PD, minus_MD) if a is not None and a.size)
+    zero = np.zeros(dim, dtype=np.float64)
+    texts = text_TD.sum(axis=0) if text_TD.size else zero
+    delta = (plus_PD.sum(axis=0) if plus_PD.size else zero) - (minus_MD.sum(axis=0) if minus_MD.size else zero)
+    if image_D is not None:
+        query = image_D + weight * (texts + delta)
+    elif text_TD.size:
+        query = texts + weight * delta
+    else:
+        query = delta
+    norm = np.linalg.norm(query)
+    if norm < 1e-6:
+        raise UserError("the query embedding is zero (the plus and minus texts cancel out); change the query")
+    return (query / norm).astype(np.float32)
+
+
+def encode_texts(bundle, texts: list[str]) -> np.ndarray:
+    """(T, D) unit text embeddings (T may be 0)."""
+    import torch
+
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    device = next(bundle.model.parameters()).device
+    with torch.no_grad():
+        feats = bundle.model.encode_text(bundle.tokenizer(list(texts)).to(device), normalize=True)
+    return feats.float().cpu().numpy()
+
+
+def read_image(path: str | Path):
+    """A PIL image or a UserError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"image {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def encode_image(bundle, image) -> np.ndarray:
+    import torch
+
+    device = next(bundle.model.parameters()).device
+    with torch.no_grad():
+        feats = bundle.model.encode_image(bundle.preprocess_val(image)[None].to(device), normalize=True)
+    return feats[0].float().cpu().numpy()
+
+
+def fetch_images(data_spec: str, keys: list[str]) -> dict:
+    """{key: PIL image} for the given sample keys, read from the shards the index was built from."""
+    from contrastive.data import decode_image, eval_samples
+
+    wanted, found = set(keys), {}
+    for sample in eval_samples(data_spec):
+        key = sample.get("__key__")
+        if key in wanted:
+            raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+            if raw is not None:
+                try:
+                    found[key] = decode_image(raw)
+                except Exception:
+                    pass
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def run_cli(args) -> dict:
+    """`contrastive search`: compose the query, search, print results, optionally write a grid and JSON."""
+    from contrastive.checkpoint import load_for_inference
+    from eval.index import move_to_gpu
+
+    if args.k <= 0:
+        raise UserError(f"-k must be > 0, got {args.k}")
+    if not (args.text or args.image or args.plus or args.minus):
+        raise UserError("give a query: --text, --image, or --plus/--minus texts (with or without --image)")
+    gallery = Gallery(args.index)
+    model_path = args.model or gallery.params.extra.get("model")
+    if not model_path:
+        raise UserError(f"{gallery.dir}/index.json names no model; pass --model")
+    query_image, exclude_row, image_D = None, None, None
+    if args.image:
+        row = gallery.row_of(args.image) if not Path(args.image).is_file() else None
+        if row is not None:  # a gallery key: its stored embedding is the query image
+            exclude_row, image_D = row, gallery.image_embeddings[row]
+        else:
+            query_image = read_image(args.image)
+    bundle, _ = load_for_inference(model_path)
+    move_to_gpu(bundle)
+    gallery.check_model(bundle.model)
+    if query_image is not None:
+        image_D = encode_image(bundle, query_image)
+    text_TD, plus_PD, minus_MD = (encode_texts(bundle, args.text or []), encode_texts(bundle, args.plus or []),
+                                  encode_texts(bundle, args.minus or []))
+    query_D = compose_query(image_D=image_D, text_TD=text_TD, plus_PD=plus_PD, minus_MD=minus_MD,
+                            weight=args.weight)
+    extra = 10 if image_D is not None else 0  # room to drop the query image and its stored copies
+    scores, rows = gallery.search(query_D[None], min(args.k + extra, gallery.params.count))
+    excluded = []
+    results = []
+    for score, row in zip(scores[0], rows[0]):
+        if row < 0:
+            continue
+        is_query = row == exclude_row or (image_D is not None and exclude_row is None
+                                          and float(gallery.image_embeddings[row] @ image_D) >= SAME_IMAGE_COSINE)
+        if is_query:
+            excluded.append(gallery.keys[row])
+            continue
+        if len(results) < args.k:
+            results.append({"rank": len(results) + 1, "score": float(score), **gallery.record(int(row))})
+    query = {"text": args.text or [], "image": args.image, "plus": args.plus or [], "minus": args.minus or [],
+             "weight": args.weight, "excluded_as_query_image": excluded}
+    out = {"index": str(gallery.dir), "model": str(model_path), "query": query, "results": results}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    if args.grid:
+        from eval.plots import contact_sheet
+
+        data = gallery.params.extra.get("data", "")
+        images = fetch_images(data, [r[KEY_COLUMN] for r in results]) if data else {}
+        if exclude_row is not None and data:
+            query_image = fetch_images(data, [gallery.keys[exclude_row]]).get(gallery.keys[exclude_row])
+        contact_sheet(args.grid, query_image=query_image, query_label=describe_query(query), results=results,
+                      images=images, key_column=KEY_COLUMN)
+    return out
+
+
+def describe_query(query: dict) -> str:
+    parts = []
+    if query["image"]:
+        parts.append(f"image {Path(str(query['image'])).name}")
+    parts += [f"+ '{t}'" for t in query["text"]]
+    w = f"{query['weight']:g} x " if query["image"] and query["weight"] != 1 else ""
+    parts += [f"+ {w}'{t}'" for t in query["plus"]] + [f"- {w}'{t}'" for t in query["minus"]]
+    return " ".join(parts).lstrip("+ ")
