@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -78,3 +79,139 @@ def test_templates_need_the_placeholder(tmp_path):
     bad.write_text("a photo of a {}\n")
     with pytest.raises(UserError, match="no \\{c\\} placeholder"):
         load_templates(str(bad))
+
+
+# ---------------------------------------------------------------- class names, templates, CLIP_benchmark sets
+
+def test_classnames_and_templates_from_clip_benchmark_json(tmp_path):
+    from eval.zeroshot import load_classnames
+
+    names = tmp_path / "en_classnames.json"
+    names.write_text(json.dumps({"cifar10": ["airplane", "car"], "mnist": ["0", "1"]}))
+    assert load_classnames(names, dataset="cifar10") == ["airplane", "car"]
+    with pytest.raises(UserError, match="several datasets"):
+        load_classnames(names)
+    templates = tmp_path / "en_zeroshot_classification_templates.json"
+    templates.write_text(json.dumps({"cifar10": ["a photo of a {c}.", "a blurry photo of a {c}."],
+                                     "mnist": ['a photo of the number: "{c}".']}))
+    assert load_templates(str(templates), dataset="mnist") == ['a photo of the number: "{c}".']
+    templates.write_text(json.dumps(["a {c}", "no placeholder"]))
+    with pytest.raises(UserError, match="no \\{c\\} placeholder"):
+        load_templates(str(templates))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UserError, match="template list is empty"):
+        load_templates(str(tmp_path / "empty.txt"))
+
+
+def test_per_class_prompt_lists(tmp_path):
+    """CuPL-style {class: [prompts]}: each class is the mean of its own prompts, which need no {c}."""
+    from eval.zeroshot import class_embeddings
+
+    path = tmp_path / "cupl.json"
+    path.write_text(json.dumps({"red": ["something red", "a red thing"], "blue": ["the blue one"],
+                                "green": ["green"]}))
+    prompts = load_templates(str(path), classes=["blue", "green", "red"])
+    assert prompts == {"blue": ["the blue one"], "green": ["green"], "red": ["something red", "a red thing"]}
+    weights = class_embeddings(_ColourModel(), _tokenize, ["blue", "green", "red"], prompts)
+    assert torch.allclose(weights, torch.eye(3)[[2, 1, 0]])  # _ColourModel's text axes: red, green, blue
+    with pytest.raises(UserError, match="no prompts for classes \\['purple'\\]"):
+        load_templates(str(path), classes=["red", "purple"])
+
+
+def _clip_benchmark_set(root, colours):
+    """CLIP_benchmark's WebDataset layout: test/nshards.txt, test/0.tar (webp + cls), classnames, templates."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    (root / "test").mkdir(parents=True)
+    with wds.TarWriter(str(root / "test" / "0.tar")) as sink:
+        for i, (name, rgb) in enumerate(colours.items()):
+            for j in range(2):
+                buf = io.BytesIO()
+                Image.new("RGB", (8, 8), rgb).save(buf, format="WEBP", lossless=True)
+                sink.write({"__key__": f"s{i}{j}", "webp": buf.getvalue(), "cls": str(i).encode()})
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a {c} thing\nsomething {c}\n")
+
+
+def test_clip_benchmark_webdataset_folder(tmp_path):
+    import torchvision.transforms.functional as TF
+
+    from eval.zeroshot import LabelledImages, resolve_data
+
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    _clip_benchmark_set(tmp_path / "wds_colours", colours)
+    spec, found = resolve_data(str(tmp_path / "wds_colours"))
+    assert spec == str(tmp_path / "wds_colours" / "test" / "0.tar")
+    assert found == {"classnames": list(colours), "templates": ["a {c} thing", "something {c}"]}
+    images = LabelledImages(spec, classes=found["classnames"])
+    out = evaluate(_ColourModel(), TF.to_tensor, _tokenize, images, found["templates"], batch_size=4)
+    assert out["metrics"]["acc1"] == 1.0 and out["num_images"] == 6
+    with pytest.raises(UserError, match="no split 'train'"):
+        resolve_data(str(tmp_path / "wds_colours"), split="train")
+
+
+def test_predict_gives_softmax_probabilities_of_the_model_scale(tmp_path):
+    from types import SimpleNamespace
+
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from eval.zeroshot import predict
+
+    model = _ColourModel()
+    model.logit_scale = nn.Parameter(torch.tensor([2.0]))  # exp(2) ~ 7.39
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "blue.png")
+    bundle = SimpleNamespace(model=model, tokenizer=_tokenize, preprocess_val=TF.to_tensor)
+    (result,) = predict(bundle, [str(tmp_path / "blue.png")], ["red", "green", "blue"], ["a {c} thing"], top_k=2)
+    scale = float(np.exp(2.0))
+    expected = np.exp([scale, 0.0, 0.0]) / np.exp([scale, 0.0, 0.0]).sum()
+    assert [p["label"] for p in result["predictions"]] == ["blue", "green"] or \
+        [p["label"] for p in result["predictions"]] == ["blue", "red"]
+    assert result["predictions"][0]["prob"] == pytest.approx(expected[0], rel=1e-5)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(UserError, match="broken.jpg cannot be read"):
+        predict(bundle, [str(tmp_path / "blue.png"), str(tmp_path / "broken.jpg")], ["red", "blue"], ["{c}"])
+
+
+def test_confusion_matrix_counts():
+    from eval.plots import confusion_matrix
+
+    m = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
+    assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+def test_zeroshot_command_line_on_a_clip_benchmark_set(tmp_path, capsys):
+    from contrastive.cli import main
+    from tests.test_search import save_random_model
+
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255),
+               "black": (0, 0, 0)}
+    _clip_benchmark_set(tmp_path / "set", colours)
+    model = save_random_model(tmp_path / "model", "tiny-vit-32")
+    out = tmp_path / "zs.json"
+    code = main(["zeroshot", "--model", str(model), "--data", str(tmp_path / "set"), "--output", str(out),
+                 "--confusion-matrix", str(tmp_path / "cm.png")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["classes"] == list(colours) and result["num_images"] == 10
+    assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert np.array(result["confusion_matrix"]).sum() == 10 and (tmp_path / "cm.png").stat().st_size > 0
+    # The same folder's labels for single images.
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "a.png")
+    capsys.readouterr()
+    code = main(["zeroshot", "--model", str(model), "--classnames", str(tmp_path / "set" / "classnames.txt"),
+                 "--predict", str(tmp_path / "a.png"), "--top-k", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.startswith(f"{tmp_path / 'a.png'}: ") and printed.count(",") == 2
+    probs = [float(part.split()[-1]) for part in printed.split(": ", 1)[1].split(",")]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-3
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    code = main(["zeroshot", "--model", str(model), "--classes", "a,b", "--predict", str(tmp_path / "bad.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "bad.png cannot be read" in err and len(err.splitlines()) == 1
