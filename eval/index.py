@@ -244,20 +244,27 @@ def _keep_mask(I_QK1: np.ndarray, exclude_Q) -> np.ndarray:
     return keep
 
 
+def per_query_recall(approx_I_QK: np.ndarray, exact_I_QK: np.ndarray) -> np.ndarray:
+    """|approx top-k ∩ exact top-k| / k for each query."""
+    k = exact_I_QK.shape[1]
+    return np.array([len(set(a[a >= 0]) & set(e)) / k for a, e in zip(approx_I_QK, exact_I_QK)])
+
+
 def knn_recall(approx_I_QK: np.ndarray, exact_I_QK: np.ndarray) -> float:
     """Mean |approx top-k ∩ exact top-k| / k (faiss's k-NN intersection measure)."""
-    k = exact_I_QK.shape[1]
-    hits = sum(len(set(a[a >= 0]) & set(e)) for a, e in zip(approx_I_QK, exact_I_QK))
-    return hits / (k * len(exact_I_QK))
+    return float(per_query_recall(approx_I_QK, exact_I_QK).mean())
 
 
 def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: int = 10,
                 target: float = 0.95) -> dict:
-    """Smallest power-of-two nprobe whose recall@k against exact search reaches `target` on every query set.
+    """Smallest power-of-two nprobe whose recall@k against exact search reaches `target` on every query set,
+    with 95% confidence: the mean over the sample minus 1.96 standard errors must reach it, so that queries the
+    tuning never saw reach it too.
 
     query_sets: {name: (queries_QD, exclude_Q or None)}; a query drawn from the base excludes itself (its own
     id), so recall is measured on true neighbours, not on finding the query. Returns {"nprobe", "recall",
-    "tuning": [{"nprobe", "recall": {name: r}, "qps"}]}; when no nprobe reaches the target, the best one.
+    "tuning": [{"nprobe", "recall": {name: r}, "recall_lower": {name: r}, "qps"}]}; when no nprobe reaches the
+    target, the best one.
     """
     truth = {name: search_excluding_exact(base_ND, q, k, ex) for name, (q, ex) in query_sets.items()}
     table, best, stalled = [], None, 0
@@ -266,21 +273,23 @@ def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: 
     # plateaus at what its codes can resolve).
     while nprobe <= nlist and stalled < 2:
         set_nprobe(index, nprobe)
-        recalls, seconds, num_queries = {}, 0.0, 0
+        recalls, lower, seconds, num_queries = {}, {}, 0.0, 0
         for name, (queries, exclude) in query_sets.items():
             start = time.perf_counter()
             _, I = search_excluding(index, queries, k, exclude)
             seconds += time.perf_counter() - start
             num_queries += len(queries)
-            recalls[name] = knn_recall(I, truth[name])
-        row = {"nprobe": nprobe, "recall": recalls, "qps": num_queries / max(seconds, 1e-9)}
+            per_query = per_query_recall(I, truth[name])
+            recalls[name] = float(per_query.mean())
+            lower[name] = recalls[name] - 1.96 * float(per_query.std()) / math.sqrt(len(per_query))
+        row = {"nprobe": nprobe, "recall": recalls, "recall_lower": lower, "qps": num_queries / max(seconds, 1e-9)}
         table.append(row)
         worst = min(recalls.values())
         if best is None or worst > min(best["recall"].values()) + 1e-3:
             best, stalled = row, 0
         else:
             stalled += 1
-        if worst >= target:
+        if min(lower.values()) >= target or worst >= 1.0:
             best = row
             break
         nprobe *= 2

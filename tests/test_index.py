@@ -44,13 +44,15 @@ def test_tuned_ivf_reaches_the_target_on_fresh_queries():
     assert params.type == "ivf_flat" and params.nlist == 64 and params.measured_recall >= 0.95
     table = params.tuning
     assert table[-1]["nprobe"] == params.nprobe
-    if len(table) > 1:  # the smallest nprobe that reaches the target: the one before it did not
-        assert min(table[-2]["recall"].values()) < 0.95
+    # The smallest nprobe whose recall reaches the target with 95% confidence; the one before it did not.
+    assert min(table[-1]["recall_lower"].values()) >= 0.95
+    if len(table) > 1:
+        assert min(table[-2]["recall_lower"].values()) < 0.95
     # Checked on queries the tuning never saw, against exact search computed here.
     fresh = clustered(12_500, 32, num_clusters=60, noise=0.6, seed=0)[12_000:]
     _, approx = index.search(fresh, 10)
     _, exact = exact_knn(fresh, base, 10)
-    assert knn_recall(approx, exact) >= 0.93
+    assert knn_recall(approx, exact) >= 0.95
 
 
 def test_search_excluding_drops_only_the_given_id():
@@ -94,3 +96,21 @@ def test_missing_or_partial_index_directories(tmp_path):
     (tmp_path / "image.index").unlink()
     with pytest.raises(UserError, match="incomplete"):
         load_index(tmp_path)
+
+
+def test_benchmark_script_runs_small(tmp_path, capsys):
+    """bench/faiss_index.py at a small size, so the script does not rot between full runs."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_faiss_index", REPO / "bench" / "faiss_index.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--num-vectors", "8000", "--dim", "32", "--num-queries", "200", "--index-type", "ivf_flat",
+                       "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["index"].startswith("IVF") and result["cpu"]["recall@10"] >= 0.9
+    assert result["cpu"]["qps_exact"] > 0 and result["cpu"]["speedup"] > 1
+    assert "x faster at recall@10" in capsys.readouterr().out
