@@ -66,6 +66,11 @@ def save_checkpoint(engine, run_dir: Path, *, step: int, rank: int, shared_state
     final = root / tag
     if rank == 0:
         staged = incoming / tag
+        # Pretrained towers (issue 10): copy what they need besides weights (HF config, tokenizer) into the
+        # checkpoint and point the saved architecture there, so it loads without the original directory.
+        from contrastive.pretrained import save_model_assets
+
+        model_cfg = save_model_assets(model_cfg, staged)
         (staged / ARCH_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
         (staged / CONFIG_FILE).write_text(config_yaml)
         (staged / STATE_FILE).write_text(json.dumps(dict(shared_state, step=step), indent=2))
@@ -169,7 +174,12 @@ def load_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_arch(ckpt: str | Path) -> dict:
-    return json.loads((Path(ckpt) / ARCH_FILE).read_text())
+    """model.json of a checkpoint, with paths to files inside the checkpoint (a text tower's) made absolute."""
+    from contrastive.pretrained import resolve_model_assets
+
+    arch = json.loads((Path(ckpt) / ARCH_FILE).read_text())
+    arch["model_cfg"] = resolve_model_assets(arch["model_cfg"], ckpt)
+    return arch
 
 
 def load_for_inference(path: str | Path) -> tuple[Any, dict]:

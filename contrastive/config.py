@@ -70,12 +70,59 @@ class ModelConfig:
     init_logit_bias: Optional[float] = None
     # Activation checkpointing of the transformer blocks (recompute in backward to save memory).
     grad_checkpointing: bool = False
+    # Pretrained towers, from local files only (see contrastive/pretrained.py). text_pretrained: a Hugging Face
+    # (or sentence-transformers) model directory that replaces model.name's text tower, through open_clip's
+    # HF adapter; "pkg:module/sub" names a directory inside an installed Python package.
+    text_pretrained: str = ""
+    # The tokenizer's directory, if not text_pretrained's.
+    text_tokenizer: str = ""
+    # Pooling of the HF tower's tokens: cls (first token), mean (over non-pad tokens), pooler (the model's own
+    # pooler layer), auto (a sentence-transformers directory's pooling, else open_clip's default for the family).
+    text_pooler: str = "auto"
+    # Projection to embed_dim after pooling: linear, mlp, or none (needs the text width to equal embed_dim).
+    text_proj: str = "linear"
+    # Tokens per caption (0: model.name's text context length), at most the model's max_position_embeddings.
+    text_context_length: int = 0
+    # Build text_pretrained's architecture and tokenizer with random weights (the baseline of a pretrained run).
+    text_random_init: bool = False
+    # A timm checkpoint (.safetensors or a weights-only state dict) for model.name's timm image tower.
+    image_pretrained: str = ""
+    # Locked towers (LiT), as open_clip's --lock-image / --lock-text; optim.freeze adds regexes on top.
+    lock_image: bool = False
+    # Leave the last N layer groups of the image tower trainable.
+    lock_image_unlocked_groups: int = 0
+    # Also freeze BatchNorm running statistics (they stay fixed in train mode).
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    # Leave the last N layers of the text tower trainable.
+    lock_text_unlocked_layers: int = 0
+    # Also freeze LayerNorm parameters of the locked layers (LayerNorm keeps no running statistics).
+    lock_text_freeze_layer_norm: bool = False
 
     def __post_init__(self):
         if not self.name:
             raise ConfigError("model.name must name an open_clip model config, e.g. tiny-vit-32 or ViT-B-32")
         if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
             raise ConfigError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        choices = {"text_pooler": ("auto", "cls", "mean", "pooler"), "text_proj": ("linear", "mlp", "none")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"model.{key} must be one of {', '.join(valid)}; got {getattr(self, key)!r}")
+        if not self.text_pretrained:
+            changed = [k for k, default in (("text_tokenizer", ""), ("text_pooler", "auto"), ("text_proj", "linear"),
+                                            ("text_random_init", False)) if getattr(self, k) != default]
+            if changed:
+                raise ConfigError(f"model.{changed[0]} applies to a pretrained text tower: set model.text_pretrained")
+        for key, lock in (("lock_image_unlocked_groups", "lock_image"), ("lock_text_unlocked_layers", "lock_text")):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+            if getattr(self, key) and not getattr(self, lock):
+                raise ConfigError(f"model.{key} has no effect without model.{lock}=true")
+        for key, lock in (("lock_image_freeze_bn_stats", "lock_image"), ("lock_text_freeze_layer_norm", "lock_text")):
+            if getattr(self, key) and not getattr(self, lock):
+                raise ConfigError(f"model.{key} has no effect without model.{lock}=true")
+        if self.text_context_length < 0:
+            raise ConfigError(f"model.text_context_length must be >= 0, got {self.text_context_length}")
 
 
 @dataclass

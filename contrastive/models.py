@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -56,8 +57,9 @@ def get_open_clip_config(name: str) -> dict:
 
 
 def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> ModelBundle:
-    """Build a randomly initialised dual encoder for `cfg.name`, or for an explicit architecture dict
-    (`model_cfg`, as saved beside checkpoints) with its saved `preprocess_cfg`."""
+    """Build a dual encoder for `cfg.name`, or for an explicit architecture dict (`model_cfg`, as saved beside
+    checkpoints) with its saved `preprocess_cfg`. Towers are randomly initialised unless `cfg` names local
+    pretrained weights (model.text_pretrained, model.image_pretrained); `cfg`'s lock_* keys lock them (LiT)."""
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
@@ -70,7 +72,25 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
     arch["nonscalar_logit_scale"] = True
     if cfg.init_logit_bias is not None:
         arch["init_logit_bias"] = cfg.init_logit_bias
+    if cfg.text_pretrained:
+        from contrastive.pretrained import text_cfg_for
+
+        arch["text_cfg"] = text_cfg_for(
+            text_pretrained=cfg.text_pretrained, text_tokenizer=cfg.text_tokenizer, pooler=cfg.text_pooler,
+            proj=cfg.text_proj, embed_dim=int(arch["embed_dim"]),
+            context_length=cfg.text_context_length or int(arch.get("text_cfg", {}).get("context_length", 77)))
+    elif cfg.text_context_length:
+        arch["text_cfg"]["context_length"] = cfg.text_context_length
     model = _instantiate(arch)
+    if cfg.text_pretrained and not cfg.text_random_init:
+        from contrastive.pretrained import load_hf_weights
+
+        load_hf_weights(model.text, arch["text_cfg"]["hf_model_name"])
+    if cfg.image_pretrained:
+        from contrastive.pretrained import load_timm_weights
+
+        load_timm_weights(model.visual, cfg.image_pretrained)
+    lock_towers(model, cfg)
 
     pp_dict = merge_preprocess_dict(PreprocessCfg(), {"size": arch["vision_cfg"].get("image_size", 224)})
     pp_dict = merge_preprocess_dict(pp_dict, getattr(model.visual, "preprocess_cfg", {}))
@@ -82,7 +102,10 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
     except TypeError as e:
         raise UserError(f"model.aug has an unknown key: {e}") from None
     preprocess_val = image_transform_v2(pp, is_train=False)
-    tokenizer = open_clip.get_tokenizer(cfg.name) if model_cfg is None else _tokenizer_for(arch)
+    if model_cfg is None and not arch["text_cfg"].get("hf_tokenizer_name"):
+        tokenizer = open_clip.get_tokenizer(cfg.name, context_length=arch["text_cfg"].get("context_length"))
+    else:
+        tokenizer = _tokenizer_for(arch)
     return ModelBundle(model=model, preprocess_train=preprocess_train, preprocess_val=preprocess_val,
                        tokenizer=tokenizer, model_cfg=arch, preprocess_cfg=pp_dict)
 
@@ -92,15 +115,27 @@ def _instantiate(arch: dict) -> nn.Module:
     from open_clip.model import CLIP, CustomTextCLIP
 
     arch = copy.deepcopy(arch)
-    custom_text = arch.pop("custom_text", False) or "hf_model_name" in arch.get("text_cfg", {})
-    if "hf_model_name" in arch.get("text_cfg", {}):
-        arch["text_cfg"].setdefault("hf_model_pretrained", False)
+    hf_text = "hf_model_name" in arch.get("text_cfg", {})
+    custom_text = arch.pop("custom_text", False) or hf_text
+    if hf_text:
+        from contrastive.pretrained import check_hf_text_cfg, offline
+
+        offline()
+        check_hf_text_cfg(arch["text_cfg"])
+        # Weights never come from a hub: load_hf_weights fills them in from the local directory.
+        arch["text_cfg"]["hf_model_pretrained"] = False
     if "timm_model_name" in arch.get("vision_cfg", {}):
         arch["vision_cfg"].setdefault("timm_model_pretrained", False)
     if "multimodal_cfg" in arch:
         raise UserError("CoCa models (multimodal_cfg) are not supported for contrastive training")
     model_class = CustomTextCLIP if custom_text else CLIP
-    return model_class(**arch, output_dict=True)
+    if not hf_text:
+        return model_class(**arch, output_dict=True)
+    try:
+        return model_class(**arch, output_dict=True)
+    except (OSError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot build the text tower from {arch['text_cfg']['hf_model_name']}: {first}") from None
 
 
 def _tokenizer_for(arch: dict) -> Callable:
@@ -108,9 +143,81 @@ def _tokenizer_for(arch: dict) -> Callable:
 
     text_cfg = arch.get("text_cfg", {})
     if text_cfg.get("hf_tokenizer_name"):
-        return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77),
-                                     **(text_cfg.get("tokenizer_kwargs") or {}))
+        from open_clip.tokenizer import HFTokenizer
+
+        from contrastive.pretrained import offline
+
+        offline()
+        name = text_cfg["hf_tokenizer_name"]
+        try:
+            return HFTokenizer(name, context_length=text_cfg.get("context_length", 77),
+                                         local_files_only=True, **(text_cfg.get("tokenizer_kwargs") or {}))
+        except (OSError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"cannot load the tokenizer in {name}: {first}") from None
     return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+
+# ---------------------------------------------------------------- locking (LiT)
+
+@functools.cache
+def frozen_batch_norm_class() -> type:
+    """open_clip's frozen BatchNorm (running statistics and affine fixed, also in train mode), keeping
+    BatchNorm2d's state-dict keys so that a checkpoint trained with frozen BN statistics loads into the plain
+    model, which computes the same in eval mode. (Built lazily: torchvision is slow to import.)"""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    class FrozenBatchNorm2dWithCount(FrozenBatchNorm2d):
+        def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+            nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+    return FrozenBatchNorm2dWithCount
+
+
+def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
+    """Lock towers as open_clip's --lock-image / --lock-text do: the image tower (all but the last N layer
+    groups, optionally freezing BatchNorm statistics) and the text tower (all but the last N layers; LayerNorm
+    affine parameters frozen too when lock_text_freeze_layer_norm, as LayerNorm keeps no running statistics)."""
+    if cfg.lock_image:
+        counts = {n: m.num_batches_tracked.clone() for n, m in model.visual.named_modules()
+                  if isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked is not None}
+        try:
+            model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                   freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+        except (IndexError, KeyError, RuntimeError) as e:
+            raise UserError(f"model.lock_image_unlocked_groups={cfg.lock_image_unlocked_groups} does not fit the "
+                            f"image tower ({type(model.visual).__name__}): {e}") from None
+        frozen = frozen_batch_norm_class()
+        for name, module in model.visual.named_modules():
+            if type(module) is frozen.__bases__[0]:
+                module.__class__ = frozen
+                module.register_buffer("num_batches_tracked", counts.get(name, torch.tensor(0, dtype=torch.long)))
+    if cfg.lock_text:
+        text = getattr(model, "text", None)
+        layers = cfg.lock_text_unlocked_layers
+        if text is not None and hasattr(text, "transformer") and hasattr(text, "config"):  # HF text tower
+            num_layers = getattr(text.config, "num_hidden_layers", None)
+            if num_layers is not None and layers > num_layers + 1:
+                raise UserError(f"model.lock_text_unlocked_layers={layers} exceeds the text tower's "
+                                f"{num_layers} layers + embeddings")
+            text.lock(unlocked_layers=layers, freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+        else:
+            from open_clip.transformer import lock_text_tower
+
+            lock_text_tower(model, layers)
+            if not cfg.lock_text_freeze_layer_norm:
+                for module in _text_modules(model):
+                    for sub in module.modules():
+                        if isinstance(sub, nn.LayerNorm):
+                            sub.requires_grad_(True)
+
+
+def _text_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of open_clip's own text tower, nested (CustomTextCLIP) or unpacked onto CLIP."""
+    if hasattr(model, "text"):
+        return [model.text]
+    return [m for m in (getattr(model, n, None) for n in ("token_embedding", "transformer", "ln_final"))
+            if isinstance(m, nn.Module)]
 
 
 def embed_dim(model: nn.Module) -> int:
