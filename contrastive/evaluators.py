@@ -13,6 +13,7 @@ from contrastive.errors import UserError
 
 REGISTRY = {
     "zeroshot": "eval.zeroshot:ZeroShotEvaluator",
+    "retrieval": "eval.retrieval:RetrievalEvaluator",
 }
 
 

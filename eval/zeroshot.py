@@ -302,9 +302,10 @@ class ZeroShotEvaluator:
     def __init__(self, cfg: EvaluatorConfig, *, batch_size: int = 256):
         self.cfg, self.batch_size = cfg, batch_size
         self.tag = cfg.tag or f"zeroshot_{cfg.label_field or 'cls'}"
-        self.templates = load_templates(cfg.templates or None)
-        self.images = LabelledImages(cfg.data, label_field=cfg.label_field, classes=cfg.classes or None,
-                                     max_samples=cfg.max_samples)
+        data, found = resolve_data(cfg.data)  # a CLIP_benchmark folder brings its own classes and templates
+        self.images = LabelledImages(data, label_field=cfg.label_field,
+                                     classes=cfg.classes or found["classnames"] or None, max_samples=cfg.max_samples)
+        self.templates = load_templates(cfg.templates or found["templates"] or None, classes=self.images.classes)
 
     def __call__(self, bundle) -> dict:
         out = evaluate(bundle.model, bundle.preprocess_val, bundle.tokenizer, self.images, self.templates,

@@ -103,3 +103,32 @@ def test_multi_line_texts_are_several_captions():
     flat, owner = captions_of(["a red circle\na round red thing", "", "blue square"])
     assert flat == ["a red circle", "a round red thing", "blue square"]
     assert owner.tolist() == [0, 0, 2]
+
+
+def test_retrieval_evaluator_plugin(synthetic_data):
+    """The training-loop plug-in, found by name, against embeddings computed here one sample at a time."""
+    import torch
+
+    from contrastive.config import EvaluatorConfig, ModelConfig
+    from contrastive.data import decode_image, eval_samples
+    from contrastive.evaluators import resolve
+    from contrastive.models import build_model
+
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="tiny-vit-32"))
+    bundle.model.eval()
+    evaluator = resolve("retrieval")(EvaluatorConfig(name="retrieval", data=synthetic_data["val"], max_samples=40),
+                                     batch_size=16)
+    metrics = evaluator(bundle)
+    assert evaluator.tag == "retrieval" and set(metrics) == {f"{side}_retrieval_recall@{k}" for side in
+                                                            ("image", "text") for k in KS}
+    images, texts = [], []
+    with torch.no_grad():
+        for sample in eval_samples(synthetic_data["val"]):
+            if len(images) == 40:
+                break
+            x = bundle.preprocess_val(decode_image(sample["jpg"]))[None]
+            images.append(bundle.model.encode_image(x, normalize=True)[0].numpy())
+            texts.append(bundle.model.encode_text(bundle.tokenizer([sample["txt"].decode()]), normalize=True)[0].numpy())
+    want = reference_recall(np.stack(images), np.stack(texts), np.arange(40))
+    assert metrics == pytest.approx(want)
