@@ -3,23 +3,15 @@
 Letters in names: B batch per rank, C channels, H/W image side, L tokens per caption.
 
 Slots. Each (rank, DataLoader worker) pair is a slot; there are S = world_size x num_workers of them, and
-each reads its own deterministic stream of samples, split into *blocks*: a block is a list of shard ranges
-(shard, first sample, end), read in order and mixed by a shuffle buffer that is drained at the block's end.
-Everything random is seeded from (seed, epoch, rank, worker, block[, sample]): the shards a block reads, the
-shuffle buffer, and each sample's augmentation, so a run is reproducible.
+each reads its own deterministic stream of *blocks* (contrastive/sharding.py says which samples: in
+epoch-exact mode every sample exactly once per epoch over all slots, in resampled mode shards drawn with
+replacement by data.train_weights). A block's samples are mixed by a shuffle buffer drained at the block's
+end. Everything random is seeded from (seed, epoch, rank, worker, block[, sample]): the shards a block reads,
+the shuffle buffer, and each sample's augmentation, so a run is reproducible.
 
-Epoch-exact mode (data.resampled=false). Epoch e lists every sample of every source once: shards in an
-order shuffled by (seed, e), samples in shard order. That list is cut into S contiguous pieces, one per slot,
-of floor(N/S) or floor(N/S)+1 samples (N samples in all); which slots get the N mod S extra samples rotates
-from epoch to epoch, so every slot has read the same number of samples to within one at any epoch boundary.
-A slot's stream is its piece of epoch 0, then of epoch 1, and so on, without end: batches run across epoch
-boundaries instead of dropping or repeating the remainder, so all ranks take the same number of steps, every
-sample is read exactly once per epoch, and the epoch advances by itself. A piece enters at most two shards
-mid-way; shard sizes come from sizes.json (or img2dataset's *_stats.json, else the shards are counted once).
-
-Resampled mode (the default). Each block draws shards with replacement: a shard's chance is proportional to
-its size (every sample equally likely), or, with data.train_weights, sources are drawn so that the share of
-samples from source i is weight_i / sum(weights), each source's own samples equally likely.
+Epochs and steps. A slot's stream runs on without end, epoch after epoch: batches run across epoch
+boundaries instead of dropping or repeating the remainder, so all ranks take the same number of steps
+(DDP/DeepSpeed need this), every sample is read exactly once per epoch, and the epoch advances by itself.
 
 Resume. A slot's position is (epoch, block, offset): the next sample is output number `offset` of that block.
 Positions are taken from batches the training loop has received (not from prefetched ones), so a checkpoint
@@ -31,13 +23,9 @@ the position, so they too match an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
-import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -46,300 +34,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from contrastive.config import DataConfig
 from contrastive.distributed import WorldInfo
 from contrastive.errors import UserError
+from contrastive.sharding import Plan, class_caption_sets, expand_sources, is_local, make_seed, read_shard, \
+    shard_sizes
+from contrastive.transforms import decode_image, fast_preprocess, to_rgb
+
+__all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
+           "shard_sizes", "decode_image", "fast_preprocess", "to_rgb"]
 
 # Reasons a training sample is skipped.
 SKIP_REASONS = ("unreadable_shard", "missing_sample", "no_image", "no_caption", "bad_image", "bad_caption")
-CLASS_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
-DEFAULT_CLASS_TEMPLATES = ("a photo of a {c}.",)
-
-
-# ---------------------------------------------------------------- shard lists
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def expand_sources(spec: str) -> list[list[str]]:
-    """'a/{000..009}.tar::b.tar' -> [[a/000.tar, ...], [b.tar]]; local files must exist."""
-    import braceexpand
-
-    if not spec:
-        raise UserError("no data given: set data.train (a shard spec such as data/train/{00000..00009}.tar)")
-    sources = []
-    for part in spec.split("::"):
-        urls = list(braceexpand.braceexpand(part.strip()))
-        if not urls or not all(urls):
-            raise UserError(f"the shard spec {part!r} is empty; join sources with a single '::'")
-        missing = [u for u in urls if _is_local(u) and not os.path.exists(u)]
-        if missing:
-            raise UserError(f"data path {missing[0]} does not exist ({len(missing)} of {len(urls)} shards of {part!r} missing)")
-        sources.append(urls)
-    return sources
-
-
-def make_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def read_shard(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-    """Samples number start..stop-1 of a shard, as webdataset groups them; if the shard ends early or cannot
-    be read, each missing sample comes as {"__bad__": reason}, so a range always yields stop - start items."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    errors = []
-
-    def stop_on_error(exn):
-        errors.append(exn)
-        return False
-
-    index = 0
-    try:
-        stream = wds.gopen(url)
-    except Exception as exn:  # a missing file, a failed download
-        errors.append(exn)
-        stream = None
-    if stream is not None:
-        try:
-            files = tar_file_expander([{"url": url, "stream": stream}], handler=stop_on_error)
-            for sample in group_by_keys(files, handler=stop_on_error):
-                if stop is not None and index >= stop:
-                    break
-                if index >= start:
-                    yield sample
-                index += 1
-        finally:
-            stream.close()
-    if stop is not None:
-        reason = "unreadable_shard" if errors else "missing_sample"
-        for i in range(max(index, start), stop):
-            yield {"__bad__": reason, "__key__": f"#{i}", "__url__": url}
-
-
-def _sizes_from_files(url: str, cache: dict) -> int | None:
-    """A local shard's sample count from sizes.json or img2dataset's _stats.json beside it."""
-    path = Path(url).resolve()
-    folder = path.parent
-    if folder not in cache:
-        sizes_file = folder / "sizes.json"
-        try:
-            cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
-        except (OSError, ValueError):
-            cache[folder] = {}
-    for name in (path.name, Path(url).name):
-        if name in cache[folder]:
-            return int(cache[folder][name])
-    stats = folder / f"{path.name[:-len('.tar')] if path.name.endswith('.tar') else path.stem}_stats.json"
-    if stats.is_file():
-        try:
-            return int(json.loads(stats.read_text())["successes"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return None
-
-
-def shard_sizes(urls: list[str], *, count_unknown: bool = True) -> list[int | None]:
-    """Samples per shard: from sizes.json or *_stats.json where they exist, else counted by reading the
-    shard once (CLIP_benchmark sets and remote shards have neither); None where not counted."""
-    cache: dict = {}
-    sizes = []
-    for url in urls:
-        size = _sizes_from_files(url, cache) if _is_local(url) else None
-        if size is None and count_unknown:
-            size = sum(1 for sample in read_shard(url) if "__bad__" not in sample)
-        sizes.append(size)
-    return sizes
-
-
-def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _class_caption_sets(urls: list[str]) -> tuple[list[tuple[list[str], list[str]]], list[int]]:
-    """For shards of classification sets (classnames.txt beside the shards or one folder up, CLIP_benchmark's
-    layout): ([(classnames, templates)], set index per shard or -1), to caption samples that only have .cls."""
-    sets, index_of, per_shard = [], {}, []
-    for url in urls:
-        found = -1
-        folder = Path(url).parent if _is_local(url) else None
-        for root in (folder, folder.parent) if folder is not None else ():
-            if (root / "classnames.txt").is_file():
-                if root not in index_of:
-                    templates_file = root / CLASS_TEMPLATES_FILE
-                    templates = [t for t in _lines(templates_file) if "{c}" in t] if templates_file.is_file() else []
-                    index_of[root] = len(sets)
-                    sets.append((_lines(root / "classnames.txt"), templates or list(DEFAULT_CLASS_TEMPLATES)))
-                found = index_of[root]
-                break
-        per_shard.append(found)
-    return sets, per_shard
-
-
-# ---------------------------------------------------------------- images
-
-def to_rgb(img, converted: list[str] | None = None):
-    """RGB version of a PIL image: transparency is composited on white; each conversion is noted."""
-    from PIL import Image
-
-    note = converted.append if converted is not None else (lambda _: None)
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":
-        note("palette")
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif img.mode == "CMYK":
-        note("cmyk")
-    elif img.mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F"):
-        note("grayscale")
-        if img.mode not in ("L", "1"):
-            # 16-bit and float greys: scale to 8 bits rather than clip.
-            import numpy as np
-
-            arr = np.asarray(img, dtype=np.float64)
-            top = arr.max() if arr.size and arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype("uint8"), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        note("alpha")
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def decode_image(data: bytes, *, draft_side: int | None = None):
-    """An RGB PIL image; a JPEG whose shorter side is at least 2 x `draft_side` is decoded at a reduced size
-    (a power-of-two DCT scale that keeps the shorter side >= draft_side)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    if draft_side and img.format == "JPEG":
-        img.draft("RGB", (draft_side, draft_side))
-    img.load()
-    return to_rgb(img)
-
-
-class ToNormalizedTensor:
-    """ToTensor followed by Normalize in one pass over uint8 pixels: (x - 255 mean) / (255 std)."""
-
-    def __init__(self, mean, std):
-        self.mean_C11 = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
-        self.inv_std_C11 = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0)
-
-    def __call__(self, pic) -> torch.Tensor:
-        import numpy as np
-
-        arr = np.asarray(pic)
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != self.mean_C11.shape[0]:
-            from torchvision.transforms import functional as F
-
-            return F.normalize(F.to_tensor(pic), (self.mean_C11 / 255.0).flatten().tolist(),
-                               (1.0 / (self.inv_std_C11 * 255.0)).flatten().tolist())
-        chw = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
-        return chw.sub_(self.mean_C11).mul_(self.inv_std_C11)
-
-
-def fast_preprocess(preprocess: Callable) -> tuple[Callable, int | None]:
-    """(transform, draft side) for an open_clip/torchvision Compose: the same transform with ToTensor +
-    Normalize fused, and the smallest shorter side the first resize needs so that it never upsamples (used to
-    decode JPEGs at reduced size); other callables are returned unchanged with no draft side."""
-    from torchvision import transforms as T
-
-    steps = list(getattr(preprocess, "transforms", []))
-    if not isinstance(preprocess, T.Compose) or len(steps) < 2:
-        return preprocess, None
-    *head, to_tensor, normalize = steps
-    if isinstance(normalize, T.Normalize) and type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor"):
-        transform = T.Compose(head + [ToNormalizedTensor(normalize.mean, normalize.std)])
-    else:
-        transform = preprocess
-    first = steps[0]
-    draft = None
-    if isinstance(first, T.RandomResizedCrop):
-        # The crop keeps >= scale[0] of the area at aspect >= min(ratio, 1/ratio); its shorter side is at least
-        # sqrt(scale[0] * aspect) of the image's shorter side, and it is resized to max(size).
-        aspect = min(first.ratio[0], 1.0 / first.ratio[1], 1.0)
-        draft = math.ceil(max(first.size) / math.sqrt(first.scale[0] * aspect))
-    elif isinstance(first, T.Resize):
-        size = first.size
-        draft = size if isinstance(size, int) else (size[0] if len(size) == 1 else max(size))
-        if first.max_size is not None:
-            draft = None
-    return transform, draft
-
-
-# ---------------------------------------------------------------- the plan of each slot
-
-@dataclass
-class Plan:
-    """What every slot needs to rebuild its stream; picklable for DataLoader workers."""
-
-    urls: list[str]
-    sizes: list[int | None]
-    resampled: bool
-    shard_weights: list[float]  # resampled mode: the chance of drawing each shard (sums to 1)
-    seed: int
-    rank: int
-    world_size: int
-    num_workers: int
-    block_samples: int
-    shuffle_buffer: int
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s or 0 for s in self.sizes)
-
-    def epoch_ranges(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
-        """Slot `slot`'s piece of epoch `epoch`: [(shard, first sample, end)] in reading order."""
-        num_slots = self.world_size * max(1, self.num_workers)
-        order = list(range(len(self.urls)))
-        random.Random(make_seed(self.seed, epoch, 0x5A4D)).shuffle(order)
-        base, extra = divmod(self.num_samples, num_slots)
-        # The extra samples go to the `extra` slots after the previous epoch's: a rotating window.
-        gets_extra = [(k - epoch * extra) % num_slots < extra for k in range(num_slots)]
-        start = slot * base + sum(gets_extra[:slot])
-        stop = start + base + gets_extra[slot]
-        ranges, position = [], 0
-        for shard in order:
-            size = self.sizes[shard] or 0
-            lo, hi = max(start, position), min(stop, position + size)
-            if lo < hi:
-                ranges.append((shard, lo - position, hi - position))
-            position += size
-            if position >= stop:
-                break
-        return ranges
-
-    def blocks(self, epoch: int, slot: int) -> list[list[tuple[int, int, int]]]:
-        """Epoch-exact mode: the slot's piece cut into blocks of whole ranges of >= block_samples samples."""
-        blocks, current, count = [], [], 0
-        for shard, lo, hi in self.epoch_ranges(epoch, slot):
-            current.append((shard, lo, hi))
-            count += hi - lo
-            if count >= self.block_samples:
-                blocks.append(current)
-                current, count = [], 0
-        if current:
-            blocks.append(current)
-        return blocks
-
-    def resampled_block(self, worker: int, block: int) -> list[tuple[int, int, int | None]]:
-        """Resampled mode: shards drawn with replacement until the block holds >= block_samples samples."""
-        rng = random.Random(make_seed(self.seed, self.rank, worker, block, 0x2E5A))
-        ranges, count = [], 0
-        while count < self.block_samples:
-            shard = rng.choices(range(len(self.urls)), weights=self.shard_weights)[0]
-            size = self.sizes[shard]
-            ranges.append((shard, 0, size))
-            count += size if size is not None else self.guessed_size
-        return ranges
-
-    @property
-    def guessed_size(self) -> float:
-        """The size assumed for a shard that was not counted (remote shards without sizes.json)."""
-        known = [s for s in self.sizes if s]
-        return sum(known) / len(known) if known else 1000.0
 
 
 @dataclass
@@ -512,7 +215,7 @@ class TrainLoader:
             raise UserError("data.train_weights needs data.resampled=true: epoch-exact mode reads every sample once "
                             "per epoch, so sources cannot be weighted")
         urls = [u for source in self.sources for u in source]
-        sizes = shard_sizes(urls, count_unknown=not cfg.resampled or all(_is_local(u) for u in urls))
+        sizes = shard_sizes(urls, count_unknown=not cfg.resampled or all(is_local(u) for u in urls))
         num_workers = cfg.num_workers
         if not cfg.resampled and sum(s or 0 for s in sizes) == 0:
             raise UserError(f"data.train {cfg.train!r} holds no samples")
@@ -522,7 +225,7 @@ class TrainLoader:
                          block_samples=cfg.block_samples or max(1000, 10 * cfg.shuffle_buffer),
                          shuffle_buffer=cfg.shuffle_buffer)
         self.transform, self.draft_side = fast_preprocess(preprocess) if cfg.fast_decode else (preprocess, None)
-        self.class_sets, self.class_set_of_shard = _class_caption_sets(urls)
+        self.class_sets, self.class_set_of_shard = class_caption_sets(urls)
         self.tokenizer = tokenizer
         self.batch_size = batch_size_per_rank
         self.seed, self.world = seed, world

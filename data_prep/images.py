@@ -10,7 +10,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from contrastive.data import to_rgb
+from contrastive.transforms import to_rgb
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

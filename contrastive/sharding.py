@@ -1,0 +1,223 @@
+"""Shard lists and the plan of which samples each (rank, worker) slot reads, in both training modes.
+
+Epoch-exact mode. Epoch e lists every sample of every source once: shards in an order shuffled by
+(seed, e), samples in shard order. That list is cut into S contiguous pieces, one per slot (S = world_size x
+num_workers), of floor(N/S) or floor(N/S)+1 samples (N samples in all); which slots get the N mod S extra
+samples rotates from epoch to epoch, so at any epoch boundary every slot has read the same number of samples
+to within one. A piece enters at most two shards mid-way. Shard sizes come from sizes.json (or img2dataset's
+*_stats.json), else the shards are counted once.
+
+Resampled mode. Each block draws shards with replacement. A drawn shard is read whole, so equal chances per
+shard make every sample equally likely; with data.train_weights the share of samples from source i is
+weight_i / sum(weights), each source's own samples equally likely.
+
+Either way a slot's stream is a sequence of blocks: lists of (shard, first sample, end) ranges of at least
+data.block_samples samples, the unit of shuffling and of resuming.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from contrastive.errors import UserError
+
+CLASS_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+DEFAULT_CLASS_TEMPLATES = ("a photo of a {c}.",)
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def expand_sources(spec: str) -> list[list[str]]:
+    """'a/{000..009}.tar::b.tar' -> [[a/000.tar, ...], [b.tar]]; local files must exist."""
+    import braceexpand
+
+    if not spec:
+        raise UserError("no data given: set data.train (a shard spec such as data/train/{00000..00009}.tar)")
+    sources = []
+    for part in spec.split("::"):
+        urls = list(braceexpand.braceexpand(part.strip()))
+        if not urls or not all(urls):
+            raise UserError(f"the shard spec {part!r} is empty; join sources with a single '::'")
+        missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
+        if missing:
+            raise UserError(f"data path {missing[0]} does not exist ({len(missing)} of {len(urls)} shards of {part!r} missing)")
+        sources.append(urls)
+    return sources
+
+
+def make_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def read_shard(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Samples number start..stop-1 of a shard, as webdataset groups them; if the shard ends early or cannot
+    be read, each missing sample comes as {"__bad__": reason}, so a range always yields stop - start items."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    errors = []
+
+    def stop_on_error(exn):
+        errors.append(exn)
+        return False
+
+    index = 0
+    try:
+        stream = wds.gopen(url)
+    except Exception as exn:  # a missing file, a failed download
+        errors.append(exn)
+        stream = None
+    if stream is not None:
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=stop_on_error)
+            for sample in group_by_keys(files, handler=stop_on_error):
+                if stop is not None and index >= stop:
+                    break
+                if index >= start:
+                    yield sample
+                index += 1
+        finally:
+            stream.close()
+    if stop is not None:
+        reason = "unreadable_shard" if errors else "missing_sample"
+        for i in range(max(index, start), stop):
+            yield {"__bad__": reason, "__key__": f"#{i}", "__url__": url}
+
+
+def _sizes_from_files(url: str, cache: dict) -> int | None:
+    """A local shard's sample count from sizes.json or img2dataset's _stats.json beside it."""
+    path = Path(url).resolve()
+    folder = path.parent
+    if folder not in cache:
+        sizes_file = folder / "sizes.json"
+        try:
+            cache[folder] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+        except (OSError, ValueError):
+            cache[folder] = {}
+    for name in (path.name, Path(url).name):
+        if name in cache[folder]:
+            return int(cache[folder][name])
+    stats = folder / f"{path.name[:-len('.tar')] if path.name.endswith('.tar') else path.stem}_stats.json"
+    if stats.is_file():
+        try:
+            return int(json.loads(stats.read_text())["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def shard_sizes(urls: list[str], *, count_unknown: bool = True) -> list[int | None]:
+    """Samples per shard: from sizes.json or *_stats.json where they exist, else counted by reading the
+    shard once (CLIP_benchmark sets and remote shards have neither); None where not counted."""
+    cache: dict = {}
+    sizes = []
+    for url in urls:
+        size = _sizes_from_files(url, cache) if is_local(url) else None
+        if size is None and count_unknown:
+            size = sum(1 for sample in read_shard(url) if "__bad__" not in sample)
+        sizes.append(size)
+    return sizes
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def class_caption_sets(urls: list[str]) -> tuple[list[tuple[list[str], list[str]]], list[int]]:
+    """For shards of classification sets (classnames.txt beside the shards or one folder up, CLIP_benchmark's
+    layout): ([(classnames, templates)], set index per shard or -1), to caption samples that only have .cls."""
+    sets, index_of, per_shard = [], {}, []
+    for url in urls:
+        found = -1
+        folder = Path(url).parent if is_local(url) else None
+        for root in (folder, folder.parent) if folder is not None else ():
+            if (root / "classnames.txt").is_file():
+                if root not in index_of:
+                    templates_file = root / CLASS_TEMPLATES_FILE
+                    templates = [t for t in _lines(templates_file) if "{c}" in t] if templates_file.is_file() else []
+                    index_of[root] = len(sets)
+                    sets.append((_lines(root / "classnames.txt"), templates or list(DEFAULT_CLASS_TEMPLATES)))
+                found = index_of[root]
+                break
+        per_shard.append(found)
+    return sets, per_shard
+
+
+@dataclass
+class Plan:
+    """What every slot needs to rebuild its stream; picklable for DataLoader workers."""
+
+    urls: list[str]
+    sizes: list[int | None]
+    resampled: bool
+    shard_weights: list[float]  # resampled mode: the chance of drawing each shard (sums to 1)
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    block_samples: int
+    shuffle_buffer: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s or 0 for s in self.sizes)
+
+    def epoch_ranges(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
+        """Slot `slot`'s piece of epoch `epoch`: [(shard, first sample, end)] in reading order."""
+        num_slots = self.world_size * max(1, self.num_workers)
+        order = list(range(len(self.urls)))
+        random.Random(make_seed(self.seed, epoch, 0x5A4D)).shuffle(order)
+        base, extra = divmod(self.num_samples, num_slots)
+        # The extra samples go to the `extra` slots after the previous epoch's: a rotating window.
+        gets_extra = [(k - epoch * extra) % num_slots < extra for k in range(num_slots)]
+        start = slot * base + sum(gets_extra[:slot])
+        stop = start + base + gets_extra[slot]
+        ranges, position = [], 0
+        for shard in order:
+            size = self.sizes[shard] or 0
+            lo, hi = max(start, position), min(stop, position + size)
+            if lo < hi:
+                ranges.append((shard, lo - position, hi - position))
+            position += size
+            if position >= stop:
+                break
+        return ranges
+
+    def blocks(self, epoch: int, slot: int) -> list[list[tuple[int, int, int]]]:
+        """Epoch-exact mode: the slot's piece cut into blocks of whole ranges of >= block_samples samples."""
+        blocks, current, count = [], [], 0
+        for shard, lo, hi in self.epoch_ranges(epoch, slot):
+            current.append((shard, lo, hi))
+            count += hi - lo
+            if count >= self.block_samples:
+                blocks.append(current)
+                current, count = [], 0
+        if current:
+            blocks.append(current)
+        return blocks
+
+    def resampled_block(self, worker: int, block: int) -> list[tuple[int, int, int | None]]:
+        """Resampled mode: shards drawn with replacement until the block holds >= block_samples samples."""
+        rng = random.Random(make_seed(self.seed, self.rank, worker, block, 0x2E5A))
+        ranges, count = [], 0
+        while count < self.block_samples:
+            shard = rng.choices(range(len(self.urls)), weights=self.shard_weights)[0]
+            size = self.sizes[shard]
+            ranges.append((shard, 0, size))
+            count += size if size is not None else self.guessed_size
+        return ranges
+
+    @property
+    def guessed_size(self) -> float:
+        """The size assumed for a shard that was not counted (remote shards without sizes.json)."""
+        known = [s for s in self.sizes if s]
+        return sum(known) / len(known) if known else 1000.0
