@@ -58,6 +58,19 @@ class Gallery:
         faiss.normalize_L2(emb)
         return emb
 
+    def embedding_rows(self, rows) -> np.ndarray:
+        """(len(rows), D) float32 unit image embeddings of some rows, read through memory maps (not all of N)."""
+        if "image_embeddings" in self.__dict__:
+            return self.image_embeddings[np.asarray(rows)]
+        parts = [np.load(f, mmap_mode="r") for f in self.image_files]
+        starts = np.cumsum([0] + [len(p) for p in parts])
+        out = []
+        for row in np.asarray(rows).ravel():
+            part = int(np.searchsorted(starts, row, side="right") - 1)
+            out.append(np.asarray(parts[part][row - starts[part]], dtype=np.float32))
+        emb = np.stack(out)
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
     def row_of(self, key: str) -> int | None:
         try:
             return self.keys.index(key)
@@ -179,7 +192,9 @@ def run_cli(args) -> dict:
     if args.image:
         row = gallery.row_of(args.image) if not Path(args.image).is_file() else None
         if row is not None:  # a gallery key: its stored embedding is the query image
-            exclude_row, image_D = row, gallery.image_embeddings[row]
+            exclude_row, image_D = row, gallery.embedding_rows([row])[0]
+        elif not Path(args.image).exists():
+            raise UserError(f"--image {args.image} is neither an image file nor the key of an indexed sample")
         else:
             query_image = read_image(args.image)
     bundle, _ = load_for_inference(model_path)
@@ -195,11 +210,11 @@ def run_cli(args) -> dict:
     scores, rows = gallery.search(query_D[None], min(args.k + extra, gallery.params.count))
     excluded = []
     results = []
-    for score, row in zip(scores[0], rows[0]):
-        if row < 0:
-            continue
-        is_query = row == exclude_row or (image_D is not None and exclude_row is None
-                                          and float(gallery.image_embeddings[row] @ image_D) >= SAME_IMAGE_COSINE)
+    valid = rows[0][rows[0] >= 0]
+    same = (gallery.embedding_rows(valid) @ image_D >= SAME_IMAGE_COSINE) if image_D is not None and len(valid) \
+        else np.zeros(len(valid), dtype=bool)
+    for score, row, is_copy in zip(scores[0][rows[0] >= 0], valid, same):
+        is_query = row == exclude_row or (exclude_row is None and is_copy)
         if is_query:
             excluded.append(gallery.keys[row])
             continue

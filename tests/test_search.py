@@ -68,6 +68,11 @@ def test_index_directory_layout(built):
     assert image.dtype == np.float16 and image.shape == (128, 64) and text.shape == (128, 64)
     assert np.allclose(np.linalg.norm(image.astype(np.float32), axis=1), 1, atol=2e-3)
     assert {"image_path", "caption", "color", "shape", "size"} <= set(meta.columns)
+    from eval.search import Gallery
+
+    gallery = Gallery(index)
+    rows = gallery.embedding_rows([3, 100])  # through memory maps, before anything loads all rows
+    assert np.allclose(rows, gallery.image_embeddings[[3, 100]]) and gallery.keys[3] == meta["image_path"][3]
 
 
 def test_text_search_matches_brute_force(built, tmp_path, capsys):
@@ -145,7 +150,7 @@ def test_rebuilding_needs_overwrite_and_loses_nothing(built, capsys):
 @pytest.mark.parametrize("make_args,message", [
     (lambda b, t: ["search", "--index", str(t / "none"), "--text", "x"], "does not exist"),
     (lambda b, t: ["search", "--index", str(b["index"]), "--image", str(t / "bad.jpg")], "cannot be read"),
-    (lambda b, t: ["search", "--index", str(b["index"]), "--image", str(t / "missing.jpg")], "does not exist"),
+    (lambda b, t: ["search", "--index", str(b["index"]), "--image", str(t / "missing.jpg")], "neither an image file"),
     (lambda b, t: ["search", "--index", str(b["index"])], "give a query"),
     (lambda b, t: ["search", "--index", str(b["index"]), "--text", "x", "--model", str(b["root"] / "wide")],
      "embeds to 96 dimensions but the index"),
