@@ -123,6 +123,19 @@ def _check_out(out: Path, source_path: Path, overwrite: bool) -> None:
             raise UserError(f"--out {out} holds the model being exported; --overwrite would delete it")
 
 
+def _remove_stale_stages(out: Path) -> None:
+    """Staging folders of exports whose process died (killed, or crashed in a native library)."""
+    for stage in out.parent.glob(f".{out.name}.incoming-*"):
+        try:
+            os.kill(int(stage.name.rsplit("-", 1)[1]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(stage, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Move the finished staging folder to `out`; a previous `out` is removed only after that succeeded."""
     old = None
@@ -259,6 +272,9 @@ def write_onnx(source: Source, bundle, out: Path, *, dtype: torch.dtype) -> dict
         "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()},
         "tokenizer": tokenizer_note, "opset": 17,
     }
+    if dtype == torch.float16:
+        config["note"] = ("fp16 graph, meant for GPU execution providers; on CPU set onnxruntime's "
+                          "graph_optimization_level to ORT_ENABLE_BASIC (its extended CPU fusions crash on fp16)")
     (out / ONNX_CONFIG).write_text(json.dumps(config, indent=2))
     return {"files": [ONNX_IMAGE, ONNX_TEXT, ONNX_CONFIG]}
 
@@ -274,9 +290,12 @@ def check_onnx(out: Path, bundle, *, dtype: torch.dtype) -> float | None:
     with torch.no_grad():
         ref_img = model.encode_image(images.to(dtype), normalize=True).float()
         ref_txt = model.encode_text(texts, normalize=True).float()
-    img = ort.InferenceSession(str(out / ONNX_IMAGE), providers=["CPUExecutionProvider"]).run(
+    options = ort.SessionOptions()
+    if dtype == torch.float16:  # onnxruntime's extended CPU fusions crash (SIGSEGV) on fp16 graphs; basic ones do not
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    img = ort.InferenceSession(str(out / ONNX_IMAGE), options, providers=["CPUExecutionProvider"]).run(
         None, {"pixel_values": images.to(dtype).numpy()})[0]
-    txt = ort.InferenceSession(str(out / ONNX_TEXT), providers=["CPUExecutionProvider"]).run(
+    txt = ort.InferenceSession(str(out / ONNX_TEXT), options, providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": texts.numpy()})[0]
     return max(float((torch.from_numpy(img).float() - ref_img).abs().max()),
                float((torch.from_numpy(txt).float() - ref_txt).abs().max()))
@@ -316,6 +335,8 @@ def export(model: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp32",
     if fmt == "embeddings" and dtype != "fp32":
         raise UserError("--format embeddings is always written as float16 vectors (clip-retrieval's layout); "
                         "leave --dtype at fp32")
+    if fmt == "embeddings" and not data:
+        raise UserError("--format embeddings needs --data SHARDS (e.g. data/val/{00000..00003}.tar)")
     out = Path(out)
     source = load_source(model)
     _check_out(out, source.path, overwrite)
@@ -325,6 +346,7 @@ def export(model: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp32",
         check_representable(source.model_cfg, source.preprocess_cfg)
     bundle = build_bundle(source)
     torch_dtype = DTYPES[dtype]
+    _remove_stale_stages(out)
     stage = out.parent / f".{out.name}.incoming-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)

@@ -283,6 +283,17 @@ def test_onnx_export_matches_pytorch_at_any_batch_size(run, tmp_path):
     assert ids == bundle.tokenizer([CAPTIONS[1]])[0][: len(ids)].tolist()
 
 
+def test_fp16_onnx_export_is_checked_with_onnxruntime(run, tmp_path):
+    import onnx
+
+    out = tmp_path / "onnx16"
+    assert export_cli("--model", run[0], "--format", "onnx", "--out", out, "--dtype", "fp16") == 0
+    graph = onnx.load(str(out / "image_encoder.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert 0 < json.loads((out / "export.json").read_text())["check_max_abs_diff"] < 5e-3
+
+
 # ---------------------------------------------------------------- bad input
 
 def one_line_error(capsys) -> str:
@@ -317,9 +328,15 @@ def test_an_architecture_clipmodel_cannot_hold_is_refused_before_writing(synthet
 
 
 def test_a_non_empty_out_is_kept_unless_overwrite(run, tmp_path, capsys):
+    import subprocess
+
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".o.incoming-{dead.pid}"  # left by an export that was killed
+    stale.mkdir()
     assert export_cli("--model", run[0], "--format", "onnx", "--out", out) == 2
     assert "not empty" in one_line_error(capsys) and (out / "precious.txt").read_text() == "keep me"
     # A failing export with --overwrite leaves the old contents too (embeddings without --data fails).
@@ -327,7 +344,7 @@ def test_a_non_empty_out_is_kept_unless_overwrite(run, tmp_path, capsys):
     assert "--data" in one_line_error(capsys) and (out / "precious.txt").is_file()
     assert export_cli("--model", run[0], "--format", "onnx", "--out", out, "--overwrite", "--no-check") == 0
     assert not (out / "precious.txt").exists() and (out / "image_encoder.onnx").is_file()
-    assert not list(tmp_path.glob(".o.*"))  # no staging or replaced folders left behind
+    assert not list(tmp_path.glob(".o.*"))  # no staging or replaced folders left behind, stale ones removed
     # --overwrite never deletes the model being exported
     assert export_cli("--model", run[0], "--format", "open_clip", "--out", tmp_path / "ocsrc", "--no-check") == 0
     assert export_cli("--model", tmp_path / "ocsrc", "--format", "open_clip", "--out", tmp_path / "ocsrc",
