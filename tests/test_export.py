@@ -417,3 +417,25 @@ def test_zero3_two_rank_checkpoint_exports_to_open_clip(tiny_overrides, syntheti
     assert max_diff(gathered["visual.proj"], init["visual.proj"]) > 0  # training moved the weights
     assert_open_clip_export_matches(out, reference, synthetic_data, tol=1e-5)
     assert "zero stage: 3" in (out / "README.md").read_text()
+
+
+def test_custom_text_clip_maps_to_clipmodel_too(tmp_path):
+    """open_clip's CustomTextCLIP with its built-in text transformer keeps text weights under `text.`."""
+    from transformers import CLIPModel
+
+    from contrastive.config import ModelConfig
+    from contrastive.export import open_clip_layout
+    from contrastive.hf_export import write_hf
+    from contrastive.models import get_open_clip_config
+
+    cfg = dict(get_open_clip_config("tiny-vit-32"), custom_text=True)
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="custom"), model_cfg=cfg)
+    assert any(k.startswith("text.transformer.") for k in bundle.model.state_dict())
+    write_hf(open_clip_layout(bundle.model.state_dict()), bundle.model_cfg, bundle.preprocess_cfg, tmp_path)
+    model = CLIPModel.from_pretrained(str(tmp_path)).eval()
+    tokens = bundle.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        theirs = model.get_text_features(input_ids=tokens)
+        theirs = getattr(theirs, "pooler_output", theirs)
+        assert max_diff(theirs, bundle.model.eval().encode_text(tokens)) < 1e-4
