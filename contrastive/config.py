@@ -68,6 +68,9 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     # Initial learnable logit bias (SigLIP uses -10); None builds a model without one.
     init_logit_bias: Optional[float] = None
+    # Initial logit scale, as log() like open_clip's init_logit_scale; None keeps CLIP's log(1/0.07) = 2.659.
+    # SigLIP starts at log(10) = 2.303.
+    init_logit_scale: Optional[float] = None
     # Activation checkpointing of the transformer blocks (recompute in backward to save memory).
     grad_checkpointing: bool = False
     # Pretrained towers, from local files only (see contrastive/pretrained.py). text_pretrained: a Hugging Face

@@ -72,6 +72,8 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
     arch["nonscalar_logit_scale"] = True
     if cfg.init_logit_bias is not None:
         arch["init_logit_bias"] = cfg.init_logit_bias
+    if cfg.init_logit_scale is not None:
+        arch["init_logit_scale"] = cfg.init_logit_scale
     if cfg.text_pretrained:
         from contrastive.pretrained import text_cfg_for
 

@@ -295,3 +295,21 @@ def test_distributed_losses_equal_one_process_on_the_concatenated_batch(world_si
     if world_size == 4:
         for pair in ([0, 2], [1, 3]):
             _check_against_one_process(results, image_GD, text_GD, pair)
+
+
+def test_a_siglip_model_starts_at_siglip_scale_and_bias_and_trains_both():
+    """model.init_logit_scale / init_logit_bias reach the open_clip model; siglip's gradient reaches both."""
+    import math
+
+    from contrastive.config import ModelConfig
+    from contrastive.models import build_model
+
+    bundle = build_model(ModelConfig(name="tiny-vit-32", init_logit_bias=-10.0, init_logit_scale=math.log(10)))
+    model = bundle.model
+    size = bundle.model_cfg["vision_cfg"]["image_size"]
+    size = size if isinstance(size, int) else size[0]
+    out = model(torch.randn(4, 3, size, size), bundle.tokenizer(["a", "b", "c", "d"]))
+    assert out["logit_scale"].item() == pytest.approx(10.0, rel=1e-6)
+    assert out["logit_bias"].item() == pytest.approx(-10.0)
+    siglip(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"]).backward()
+    assert model.logit_scale.grad.abs().item() > 0 and model.logit_bias.grad.abs().item() > 0
