@@ -230,7 +230,10 @@ def data_wait_fraction(train: list[dict]) -> float | None:
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    def text(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(text(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
 
