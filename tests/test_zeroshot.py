@@ -211,6 +211,13 @@ def test_zeroshot_command_line_on_a_clip_benchmark_set(tmp_path, capsys):
     assert code == 0 and printed.startswith(f"{tmp_path / 'a.png'}: ") and printed.count(",") == 2
     probs = [float(part.split()[-1]) for part in printed.split(": ", 1)[1].split(",")]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-3
+    # An exported open_clip directory of the same weights predicts the same.
+    from contrastive.export import export
+
+    export(model, "open_clip", tmp_path / "oc", check=False, progress=False)
+    code = main(["zeroshot", "--model", str(tmp_path / "oc"), "--classnames", str(tmp_path / "set" / "classnames.txt"),
+                 "--predict", str(tmp_path / "a.png"), "--top-k", "3"])
+    assert code == 0 and capsys.readouterr().out == printed
     (tmp_path / "bad.png").write_bytes(b"nope")
     code = main(["zeroshot", "--model", str(model), "--classes", "a,b", "--predict", str(tmp_path / "bad.png")])
     err = capsys.readouterr().err.strip()
