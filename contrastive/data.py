@@ -164,27 +164,34 @@ class _SlotStream(IterableDataset):
         state = spec.slots[worker]
         skipped = dict(state.skipped)
         images, captions, keys = [], [], []
-        in_main_process = info is None
-        for sample, (epoch, block, index), after in self._samples(worker, state):
-            seed = make_seed(plan.seed, epoch, plan.rank, worker, block, index)
-            saved = (torch.get_rng_state(), random.getstate()) if in_main_process else None
-            try:
-                image, caption = self._process(sample, seed)
-            except _Skipped as e:
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                continue
-            finally:
-                if saved is not None:  # keep the training process's own random streams untouched
-                    torch.set_rng_state(saved[0])
-                    random.setstate(saved[1])
-            images.append(image)
-            captions.append(caption)
-            keys.append(f"{sample.get('__url__')}#{sample.get('__key__')}")
-            if len(images) == spec.batch_size:
-                meta = {"worker": worker, "position": after, "skipped": dict(skipped),
-                        "keys": keys}
-                yield torch.stack(images), spec.tokenizer(captions), meta
-                images, captions, keys = [], [], []
+        # Without DataLoader workers this runs in the training process: per-sample seeding must not move the
+        # training's own random streams, so they are saved when a batch starts and restored before it is yielded.
+        saved = None
+        try:
+            for sample, (epoch, block, index), after in self._samples(worker, state):
+                if info is None and saved is None:
+                    saved = (torch.get_rng_state(), random.getstate())
+                try:
+                    image, caption = self._process(sample, make_seed(plan.seed, epoch, plan.rank, worker, block, index))
+                except _Skipped as e:
+                    skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                    continue
+                images.append(image)
+                captions.append(caption)
+                keys.append(f"{sample.get('__url__')}#{sample.get('__key__')}")
+                if len(images) == spec.batch_size:
+                    meta = {"worker": worker, "position": after, "skipped": dict(skipped), "keys": keys}
+                    batch = torch.stack(images), spec.tokenizer(captions), meta
+                    images, captions, keys = [], [], []
+                    if saved is not None:
+                        torch.set_rng_state(saved[0])
+                        random.setstate(saved[1])
+                        saved = None
+                    yield batch
+        finally:
+            if saved is not None:
+                torch.set_rng_state(saved[0])
+                random.setstate(saved[1])
 
 
 class _Skipped(Exception):
