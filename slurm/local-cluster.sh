@@ -103,12 +103,11 @@ SlurmdTimeout=60
 SlurmctldDebug=info
 SlurmdDebug=info
 EOF
-    local i=0 node
+    local node
     for node in "${NODES[@]}"; do
-        echo "NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 Port=$1 CPUs=$NODE_CPUS RealMemory=1000 State=UNKNOWN" \
-            >>"$dir/slurm.conf"
+        echo "NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 Port=$1 CPUs=$NODE_CPUS RealMemory=1000" \
+            "State=UNKNOWN" >>"$dir/slurm.conf"
         shift
-        i=$((i + 1))
     done
     local node_list
     node_list=$(IFS=,; echo "${NODES[*]}")
@@ -155,9 +154,9 @@ cmd_up() {
 
     local dir
     dir=$(mktemp -d /tmp/contrastive-slurm.XXXXXX)
-    chmod 755 "$dir"  # job steps run as root anyway; this lets a non-root user read the config
+    chmod 755 "$dir"  # users other than root can read slurm.conf and submit
     mkdir -p "$dir/munge" "$dir/ctld"
-    chmod 700 "$dir/munge"
+    chmod 755 "$dir/munge"  # clients of any user reach the socket; the key inside stays root-only (0400)
     local node
     for node in "${NODES[@]}"; do mkdir -p "$dir/$node/spool"; done
 

@@ -194,16 +194,29 @@ case "$1 $2" in
   "requeue "*) echo "requeue $2" >> "$FAKE_LOG" ;;
 esac
 """
-# Stands in for the trainer: records how it was started, then finishes, crashes, or waits for USR1 and exits
-# with EXIT_PREEMPTED like contrastive.train does.
-FAKE_PYTHON = """#!/bin/bash
-echo "args=$* rank=$RANK world=$WORLD_SIZE local=$LOCAL_RANK master=$MASTER_ADDR:$MASTER_PORT" >> "$FAKE_LOG"
-case $FAKE_MODE in
-  finish) exit 0 ;;
-  crash) exit 1 ;;
-  preempt) trap 'echo stopping >> "$FAKE_LOG"; exit 75' USR1; touch "$FAKE_LOG.ready"
-           for i in $(seq 300); do sleep 0.1; done; exit 3 ;;
-esac
+# Stands in for the trainer: records how it was started, then finishes, crashes, or (like contrastive.train)
+# exits with EXIT_PREEMPTED once USR1 arrives; "slow-start" installs its USR1 handler only after 1.5 s.
+FAKE_PYTHON = f"""#!{sys.executable}
+import os, signal, sys, time
+log = open(os.environ["FAKE_LOG"], "a", buffering=1)
+env = os.environ
+log.write(f"args={{' '.join(sys.argv[1:])}} rank={{env['RANK']}} world={{env['WORLD_SIZE']}} "
+          f"local={{env['LOCAL_RANK']}} master={{env['MASTER_ADDR']}}:{{env['MASTER_PORT']}}\\n")
+mode = env["FAKE_MODE"]
+if mode in ("finish", "crash"):
+    sys.exit(0 if mode == "finish" else 1)
+stop = []
+if mode == "slow-start":
+    open(env["FAKE_LOG"] + ".ready", "w").close()
+    time.sleep(1.5)  # still importing: USR1 is ignored (the job script started us that way)
+signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))
+open(env["FAKE_LOG"] + ".ready", "w").close()
+for _ in range(300):
+    if stop:
+        log.write("stopping\\n")
+        sys.exit(75)
+    time.sleep(0.1)
+sys.exit(3)
 """
 
 
@@ -218,14 +231,14 @@ def _fake_job(tmp_path, *, mode: str, restart: int = 0, resume: str = "", signal
     plan = slurm.plan_job(_request(tmp_path, python=str(bin_dir / "python"), overrides=overrides, max_restarts=3),
                           cluster=None)
     script = tmp_path / "job.sh"
-    script.write_text(slurm.render(plan, config_file=tmp_path / "run" / "slurm" / "config.yaml"))
+    script.write_text(slurm.render(plan, config_file=tmp_path / "run" / "slurm" / "config.yaml", commit="0123abc"))
     if checkpoint:
         (tmp_path / "run" / "checkpoints").mkdir(parents=True)
         (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000005\n")
     log = tmp_path / "fake.log"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_MODE=mode,
                SLURM_JOB_ID="1234", SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_NTASKS="2",
-               SLURM_RESTART_COUNT=str(restart))
+               SLURM_RESTART_COUNT=str(restart), CONTRASTIVE_SLURM_POLL_S="0.2")
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     if signal_batch or signal_task:
@@ -253,6 +266,7 @@ def test_job_script_that_finishes_does_not_requeue(tmp_path):
     assert "rank=0 world=1 local=0" in started
     assert "master=10.9.8.7:21234" in started  # NodeAddr of the first node; 20000 + job id % 20000
     assert (tmp_path / "run" / "slurm" / "runs.log").read_text().count("job=1234 run=0") == 1
+    assert "job was submitted at 0123abc" in out  # the code changed between submission and this run
 
 
 def test_job_script_requeues_after_usr1_to_the_batch_shell(tmp_path):
@@ -260,6 +274,11 @@ def test_job_script_requeues_after_usr1_to_the_batch_shell(tmp_path):
     assert rc == 0, out
     assert log.splitlines()[1:] == ["stopping", "requeue 1234"]
     assert "USR1: asking the ranks to checkpoint" in out and "requeueing" in out
+
+
+def test_usr1_while_the_trainer_starts_is_repeated_until_it_lands(tmp_path):
+    rc, out, log = _fake_job(tmp_path, mode="slow-start", signal_batch=True)
+    assert rc == 0 and log.splitlines()[1:] == ["stopping", "requeue 1234"], out
 
 
 def test_job_script_requeues_when_the_tasks_alone_were_signalled(tmp_path):
