@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 from contrastive.errors import UserError
-from data_prep.images import ImageOptions, Skip, clean_caption, process_image
+from data_prep.images import IMAGE_SUFFIXES, ImageOptions, Skip, clean_caption, process_image
 from data_prep.shards import chunked, shard_done, shard_name, write_shard, write_sizes
 
 PREP_FILE = "prep.json"
@@ -90,6 +90,21 @@ def tar_members(path: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
         except (tarfile.TarError, OSError, EOFError) as e:
             raise UserError(f"{path} is damaged after {member.name if 'member' in dir() else 'the start'}: {e}; "
                             f"repair or re-download it") from None
+
+
+def list_images(root: Path, *, exclude: Path | None = None) -> list[tuple[str, Path]]:
+    """(path relative to root, path) of the image files under `root`, sorted; hidden files and folders and
+    anything under `exclude` (the output folder, when it lies inside the input) are left out."""
+    exclude = exclude.resolve() if exclude is not None else None
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if exclude is not None and path.resolve().is_relative_to(exclude):
+            continue
+        found.append((rel.as_posix(), path))
+    return found
 
 
 def _fingerprint(items: list[Item]) -> str:
@@ -192,7 +207,7 @@ def build_shards(items: Iterable[Item], out_dir: Path, *, opts: BuildOptions, re
 
     `record` (command, input and options) is kept in OUT_DIR/prep.json; a re-run with other options is refused.
     """
-    import webdataset  # noqa: F401  imported once here, so forked writers do not each import torch
+    import webdataset  # noqa: F401 -- imported once here, so forked writers do not each import torch
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)

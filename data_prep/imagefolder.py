@@ -18,8 +18,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from contrastive.errors import UserError
-from data_prep.build import BuildOptions, Item, StreamDeduper, build_shards, is_safe_member, mark_duplicates, \
-    tar_members
+from data_prep.build import BuildOptions, Item, StreamDeduper, build_shards, is_safe_member, list_images, \
+    mark_duplicates, tar_members
 from data_prep.images import IMAGE_SUFFIXES
 from data_prep.pairs import is_tar
 from data_prep.shards import shard_name
@@ -76,17 +76,11 @@ def _class_names(folders: list[str], classnames_file: Path | None) -> list[str]:
 
 def folder_listing(root: Path, *, exclude: Path | None = None) -> tuple[list[str], list[tuple[str, Path, str | None]]]:
     """(class folders, [(source, path, class folder or None for images outside any class folder)])."""
-    exclude = exclude.resolve() if exclude is not None else None
+    exclude_resolved = exclude.resolve() if exclude is not None else None
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                     and (exclude is None or not p.resolve() == exclude))
-    files = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if exclude is not None and path.resolve().is_relative_to(exclude):
-            continue
-        files.append((rel.as_posix(), path, rel.parts[0] if len(rel.parts) > 1 else None))
+                     and p.resolve() != exclude_resolved)
+    files = [(source, path, source.split("/")[0] if "/" in source else None)
+             for source, path in list_images(root, exclude=exclude)]
     return folders, files
 
 

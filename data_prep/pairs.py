@@ -9,7 +9,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from contrastive.errors import UserError
-from data_prep.build import BuildOptions, Item, StreamDeduper, build_shards, mark_duplicates, tar_members
+from data_prep.build import BuildOptions, Item, StreamDeduper, build_shards, list_images, mark_duplicates, \
+    tar_members
 from data_prep.images import IMAGE_SUFFIXES
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -44,19 +45,13 @@ def json_safe(value):
 def folder_items(root: Path, *, exclude: Path | None = None) -> list[Item]:
     """Images anywhere under `root`, each with the caption in the .txt (and fields of the .json) beside it."""
     items = []
-    exclude = exclude.resolve() if exclude is not None else None
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if exclude is not None and path.resolve().is_relative_to(exclude):
-            continue
-        caption = path.with_suffix(".txt")
-        meta = path.with_suffix(".json")
-        items.append(Item(source=rel.as_posix(), path=str(path), caption_path=str(caption) if caption.is_file() else None,
+    for source, path in list_images(root, exclude=exclude):
+        caption, meta = path.with_suffix(".txt"), path.with_suffix(".json")
+        has_caption = caption.is_file()
+        items.append(Item(source=source, path=str(path), caption_path=str(caption) if has_caption else None,
                           meta_path=str(meta) if meta.is_file() else None,
-                          skip=None if caption.is_file() else "missing_caption",
-                          skip_message="" if caption.is_file() else f"no {caption.name} beside the image"))
+                          skip=None if has_caption else "missing_caption",
+                          skip_message="" if has_caption else f"no {caption.name} beside the image"))
     return items
 
 
