@@ -409,7 +409,8 @@ def clear_index_dir(directory: Path, *, overwrite: bool) -> None:
 
 def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int = 256, kind: str = "auto",
                     target_recall: float = 0.95, nlist: int = 0, max_flat_gb: float = 16.0,
-                    exact_max: int = EXACT_MAX, overwrite: bool = False, seed: int = 0) -> IndexParams:
+                    exact_max: int = EXACT_MAX, overwrite: bool = False, seed: int = 0,
+                    retrieval_metrics: bool = False) -> IndexParams:
     """`contrastive index`: embed a shard set (clip-retrieval layout), build and tune a FAISS index beside it."""
     import faiss
 
@@ -436,5 +437,10 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
     params.extra = {"model": str(Path(model).resolve()), "model_checkpoint": info.get("checkpoint"),
                     "model_step": info.get("step"), "data": data, "embeddings": summary,
                     "gpu": gpu_available()}
+    if retrieval_metrics:  # each image with its own caption, exact and chunked (eval/retrieval.py)
+        from eval.retrieval import retrieval_recall
+
+        params.extra["retrieval"] = retrieval_recall(image_ND, text_ND, np.arange(len(text_ND)))
+        (out / "retrieval.json").write_text(json.dumps(params.extra["retrieval"], indent=2))
     save_index(index, params, out)
     return params

@@ -47,7 +47,7 @@ def built(tmp_path_factory, synthetic_data):
     model = save_random_model(root / "model", "tiny-vit-32")
     index = root / "index"
     assert main(["index", "--model", str(model), "--data", synthetic_data["val"], "--out", str(index),
-                 "--batch-size", "64"]) == 0
+                 "--batch-size", "64", "--retrieval-metrics"]) == 0
     return {"root": root, "model": model, "index": index, "val": synthetic_data["val"]}
 
 
@@ -70,6 +70,12 @@ def test_index_directory_layout(built):
     assert {"image_path", "caption", "color", "shape", "size"} <= set(meta.columns)
     from eval.search import Gallery
 
+    # Retrieval of each image with its own caption, against the full-matrix reference on the stored embeddings.
+    from tests.test_retrieval import reference_recall
+
+    unit = [e.astype(np.float32) / np.linalg.norm(e.astype(np.float32), axis=1, keepdims=True) for e in (image, text)]
+    saved = json.loads((index / "retrieval.json").read_text())
+    assert {k: saved[k] for k in reference_recall(*unit, np.arange(128))} == reference_recall(*unit, np.arange(128))
     gallery = Gallery(index)
     rows = gallery.embedding_rows([3, 100])  # through memory maps, before anything loads all rows
     assert np.allclose(rows, gallery.image_embeddings[[3, 100]]) and gallery.keys[3] == meta["image_path"][3]
