@@ -116,7 +116,10 @@ def to_gpu(index):
     try:
         res = faiss.StandardGpuResources()
         options = faiss.GpuClonerOptions()
-        options.useFloat16LookupTables = True  # IVF-PQ with many sub-quantizers needs it on the GPU
+        ivf = faiss.try_extract_index_ivf(index)
+        # For IVF-PQ useFloat16 means float16 lookup tables, which the GPU needs past 48 bytes per code; for
+        # IVF-Flat it would mean float16 storage, so it stays off there.
+        options.useFloat16 = ivf is not None and "PQ" in type(faiss.downcast_index(ivf)).__name__
         gpu_index = faiss.index_cpu_to_gpu(res, 0, index, options)
     except Exception as e:  # e.g. an index type the GPU does not run
         print(f"faiss: keeping the index on the CPU ({type(e).__name__}: {e})")

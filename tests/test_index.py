@@ -114,3 +114,62 @@ def test_benchmark_script_runs_small(tmp_path, capsys):
     assert result["index"].startswith("IVF") and result["cpu"]["recall@10"] >= 0.9
     assert result["cpu"]["qps_exact"] > 0 and result["cpu"]["speedup"] > 1
     assert "x faster at recall@10" in capsys.readouterr().out
+
+
+class _FakeGpu:
+    """Stands in for faiss's GPU API on a machine without one: "GPU" indexes wrap CPU ones."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.options = fail, []
+
+    def install(self, monkeypatch):
+        import faiss
+
+        fake = self
+
+        class GpuIndexFake:
+            def __init__(self, index):
+                self.index = index
+
+            def __getattr__(self, name):
+                return getattr(self.index, name)
+
+        class GpuClonerOptions:
+            useFloat16 = False
+
+        def index_cpu_to_gpu(res, device, index, options=None):
+            fake.options.append(options.useFloat16)
+            if fake.fail:
+                raise RuntimeError("not supported on the GPU")
+            return GpuIndexFake(faiss.clone_index(index))
+
+        monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+        monkeypatch.setattr(faiss, "GpuClonerOptions", GpuClonerOptions, raising=False)
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", index_cpu_to_gpu, raising=False)
+        monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: index.index, raising=False)
+        monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+        return GpuIndexFake
+
+
+def test_gpu_path_moves_indexes_and_falls_back_to_the_cpu(monkeypatch, tmp_path):
+    """Without a GPU here, the GPU code path runs against a stand-in: IVF indexes go through index_cpu_to_gpu
+    (float16 lookup tables for IVF-PQ only), save as CPU indexes, and a refusal keeps the CPU index."""
+    from eval.index import gpu_available, to_gpu
+
+    fake = _FakeGpu()
+    gpu_type = fake.install(monkeypatch)
+    assert gpu_available()
+    base = clustered(3_000, 16, num_clusters=10, noise=0.5, seed=4)
+    index, params = build_tuned_index(base, kind="ivf_flat", nlist=8, num_tune_queries=100)
+    assert isinstance(index, gpu_type) and index.ntotal == 3_000 and fake.options == [False]
+    save_index(index, params, tmp_path)  # written through index_gpu_to_cpu
+    loaded, _ = load_index(tmp_path)
+    import faiss
+
+    assert isinstance(loaded, gpu_type) and faiss.extract_index_ivf(loaded.index).nprobe == params.nprobe
+    pq, _ = build_tuned_index(base, kind="ivf_pq", nlist=8, num_tune_queries=100)
+    assert fake.options[-1] is True
+    fake.fail = True
+    cpu = build_tuned_index(base, kind="flat")[0]
+    assert to_gpu(cpu) is cpu
