@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"num_vectors": args.num_vectors, "dim": args.dim, "num_clusters": num_clusters, "noise": args.noise,
                "num_queries": args.num_queries, "index": params.factory, "nprobe": params.nprobe,
                "build_seconds": round(build_s, 1), "threads": faiss.omp_get_max_threads(),
+               "tuning": [{"nprobe": r["nprobe"], "recall@10": round(min(r["recall"].values()), 4)}
+                          for r in params.tuning],
                "cpu": compare(exact, ivf, queries_QD, k=10, batch=args.batch, repeats=args.repeats)}
     cpu = results["cpu"]
     print(f"CPU: exact {cpu['qps_exact']:.1f} q/s, {params.factory} nprobe {params.nprobe} {cpu['qps_ivf']:.1f} q/s "
