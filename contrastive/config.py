@@ -73,6 +73,10 @@ class ModelConfig:
     init_logit_scale: Optional[float] = None
     # Activation checkpointing of the transformer blocks (recompute in backward to save memory).
     grad_checkpointing: bool = False
+    # torch.compile the image and text towers (in place: checkpoint keys do not change). The first steps pay
+    # the compilation; compile_backend "eager" or "aot_eager" checks the tracing without generating code.
+    compile: bool = False
+    compile_backend: str = "inductor"
     # Pretrained towers, from local files only (see contrastive/pretrained.py). text_pretrained: a Hugging Face
     # (or sentence-transformers) model directory that replaces model.name's text tower, through open_clip's
     # HF adapter; "pkg:module/sub" names a directory inside an installed Python package.
@@ -101,6 +105,10 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     # Also freeze LayerNorm parameters of the locked layers (LayerNorm keeps no running statistics).
     lock_text_freeze_layer_norm: bool = False
+    # Keep up to this many captions' pooled features of a fully locked HF text tower in memory, computed once
+    # without dropout (LiT's precomputed features of a locked tower); pays off when captions repeat, as class
+    # templates do. 0: off. Not under ZeRO-3, whose ranks must gather the tower's weights together.
+    lock_text_cache_size: int = 0
 
     def __post_init__(self):
         if not self.name:
@@ -126,6 +134,12 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} has no effect without model.{lock}=true")
         if self.text_context_length < 0:
             raise ConfigError(f"model.text_context_length must be >= 0, got {self.text_context_length}")
+        if self.lock_text_cache_size < 0:
+            raise ConfigError(f"model.lock_text_cache_size must be >= 0, got {self.lock_text_cache_size}")
+        if self.lock_text_cache_size and not (self.text_pretrained and self.lock_text and self.lock_text_freeze_layer_norm
+                                              and not self.lock_text_unlocked_layers):
+            raise ConfigError("model.lock_text_cache_size needs a fully locked pretrained text tower: model.text_pretrained, "
+                              "lock_text=true, lock_text_freeze_layer_norm=true, lock_text_unlocked_layers=0")
 
 
 @dataclass
@@ -200,10 +214,14 @@ class TrainConfig:
     max_time_s: float = 0.0
     # Non-finite losses skip their update; this many in a row stop the run.
     max_nonfinite_in_a_row: int = 5
+    # Read the loss and the stop/non-finite flags on the host every this many steps (and at log, checkpoint
+    # and eval steps) instead of every step, so the host never waits for the device in between. With N > 1
+    # a non-finite step's update is skipped on the device (fused AdamW's found_inf) and counts as a step.
+    sync_every: int = 1
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "accum_steps",
-                     "max_nonfinite_in_a_row"):
+                     "max_nonfinite_in_a_row", "sync_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.batch_size % self.accum_steps:
@@ -237,6 +255,8 @@ class DeepSpeedConfig:
     """Maps onto a DeepSpeed config; the batch sizes, optimizer and clipping come from train/optim."""
 
     zero_stage: int = 0
+    # fp32; bf16/fp16: DeepSpeed's half-precision weights and optimizer wrappers; amp_bf16: fp32 weights and
+    # optimizer with bf16 autocast (DeepSpeed's torch_autocast; open_clip's amp_bf16).
     precision: str = "fp32"
     # Further DeepSpeed config keys, deep-merged over the derived config (e.g. {zero_optimization: {overlap_comm: true}}).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -244,8 +264,8 @@ class DeepSpeedConfig:
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"deepspeed.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16", "amp_bf16"):
+            raise ConfigError(f"deepspeed.precision must be fp32, bf16, fp16 or amp_bf16, got {self.precision!r}")
 
 
 @dataclass

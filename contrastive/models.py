@@ -93,6 +93,8 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
 
         load_timm_weights(model.visual, cfg.image_pretrained)
     lock_towers(model, cfg)
+    if cfg.lock_text_cache_size:
+        cache_text_features(model, max_entries=cfg.lock_text_cache_size)
 
     pp_dict = merge_preprocess_dict(PreprocessCfg(), {"size": arch["vision_cfg"].get("image_size", 224)})
     pp_dict = merge_preprocess_dict(pp_dict, getattr(model.visual, "preprocess_cfg", {}))
@@ -212,6 +214,62 @@ def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
                     for sub in module.modules():
                         if isinstance(sub, nn.LayerNorm):
                             sub.requires_grad_(True)
+
+
+class TextFeatureCache:
+    """Pooled features of a fully locked HF text tower per distinct token sequence, computed once in eval mode
+    (no dropout), as LiT precomputes a locked tower's outputs; the oldest entries go beyond `max_entries`."""
+
+    def __init__(self, tower: nn.Module, max_entries: int):
+        self.tower, self.max_entries = tower, max_entries
+        self.features: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def pooled(self, ids_BL: torch.Tensor) -> torch.Tensor:
+        """(B, width) pooled features of token ids (B, L), before the trainable projection."""
+        uniq_UL, inverse_B = torch.unique(ids_BL, dim=0, return_inverse=True)
+        keys = [row.tobytes() for row in uniq_UL.cpu().numpy()]
+        new = [i for i, k in enumerate(keys) if k not in self.features]
+        self.hits += len(keys) - len(new)
+        self.misses += len(new)
+        fresh = {}
+        if new:
+            transformer = self.tower.transformer
+            if any(hasattr(p, "ds_id") for p in transformer.parameters()):
+                raise UserError("model.lock_text_cache_size does not work under ZeRO-3 (ranks would gather the text "
+                                "tower's weights at different steps); use deepspeed.zero_stage 0-2 or turn it off")
+            was_training = transformer.training
+            transformer.eval()
+            try:
+                with torch.no_grad():
+                    ids = uniq_UL[new]
+                    mask = (ids != self.tower.config.pad_token_id).long()
+                    rows = self.tower.pooler(transformer(input_ids=ids, attention_mask=mask), mask)
+            finally:
+                transformer.train(was_training)
+            fresh = {keys[i]: row for i, row in zip(new, rows)}
+        pooled_UD = torch.stack([fresh[k] if k in fresh else self.features[k] for k in keys])
+        if fresh:
+            self.features.update(fresh)
+            for key in list(self.features)[:max(0, len(self.features) - self.max_entries)]:
+                del self.features[key]
+        return pooled_UD[inverse_B]
+
+
+def cache_text_features(model: nn.Module, *, max_entries: int) -> TextFeatureCache:
+    """Make a fully locked HF text tower (see lock_towers) serve pooled features from a TextFeatureCache; only
+    its projection runs per step. The state dict is unchanged."""
+    text = getattr(model, "text", None)
+    if text is None or not hasattr(text, "transformer") or not hasattr(text, "config"):
+        raise UserError("model.lock_text_cache_size needs a Hugging Face text tower (model.text_pretrained)")
+    if any(p.requires_grad for p in text.transformer.parameters()):
+        raise UserError("model.lock_text_cache_size needs the whole text transformer locked")
+    if text.output_tokens:
+        raise UserError("model.lock_text_cache_size cannot serve token outputs (text_cfg.output_tokens)")
+    cache = TextFeatureCache(text, max_entries)
+    text.feature_cache = cache
+    text.forward = lambda x: text.proj(cache.pooled(x))
+    return cache
 
 
 def _text_modules(model: nn.Module) -> list[nn.Module]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from contrastive.config import ModelConfig, load_config
+from contrastive.errors import UserError
 from contrastive.models import build_model, get_open_clip_config
 from contrastive.pretrained import MINILM
 from tests.dist import run_ranks
@@ -143,3 +144,39 @@ def test_locked_parameters_do_not_change_nor_get_optimizer_state_under_zero():
         total = sum(r["state_numel"] for r in ranks) if stage else ranks[0]["state_numel"]
         assert ranks[0]["num_frozen"] > 10 * num_trainable
         assert num_trainable <= total <= num_trainable + 256, (stage, total, num_trainable)
+
+
+def test_text_feature_cache_equals_the_locked_tower_without_dropout():
+    cfg = dict(name="tiny-vit-32", text_pretrained=MINILM, text_pooler="mean", text_context_length=16,
+               lock_text=True, lock_text_freeze_layer_norm=True)
+    cached = build_model(ModelConfig(**cfg, lock_text_cache_size=4))
+    plain = build_model(ModelConfig(**cfg)).model
+    assert cached.model.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(cached.model.state_dict())
+    plain.eval()  # the reference: the same tower without dropout
+    cached.model.train()
+    cache = cached.model.text.feature_cache
+    for texts in (["a cat", "a dog", "a cat", "a ship"], ["a ship", "a frog", "a bird", "a cat", "a truck"]):
+        ids = cached.tokenizer(texts)
+        got = cached.model.encode_text(ids)
+        expected = plain.encode_text(ids)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # Only the projection trains: its gradient is the same as through the full tower.
+        got.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(cached.model.text.proj.weight.grad, plain.text.proj.weight.grad)
+        cached.model.zero_grad()
+        plain.zero_grad()
+        assert len(cache.features) <= 4
+    assert (cache.misses, cache.hits) == (3 + 3, 2)  # 3 new, then frog, bird, truck new and ship, cat cached
+    for p in cached.model.text.transformer.parameters():
+        p.ds_id = 0  # as ZeRO-3 marks partitioned parameters
+    with pytest.raises(UserError, match="does not work under ZeRO-3"):
+        cached.model.encode_text(cached.tokenizer(["a horse"]))
+
+
+def test_text_feature_cache_needs_a_fully_locked_pretrained_tower():
+    from contrastive.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a fully locked pretrained text tower"):
+        load_config(None, ["model.text_pretrained=x", "model.lock_text=true", "model.lock_text_cache_size=10"])

@@ -109,7 +109,8 @@ def test_checkpoint_of_a_locked_pretrained_tower_loads_without_the_original_dire
     cfg = load_config(None, tiny_overrides + ["train.steps=3", "train.checkpoint_every=3", "optim.lr=1e-2",
                                               "optim.warmup_steps=1", f"model.text_pretrained={copy_dir}",
                                               "model.lock_text=true", "model.lock_text_freeze_layer_norm=true",
-                                              "model.text_context_length=16", "model.text_pooler=mean"])
+                                              "model.text_context_length=16", "model.text_pooler=mean",
+                                              "model.lock_text_cache_size=1000"])
     train(cfg, run, progress=False)
     shutil.rmtree(copy_dir)
 
