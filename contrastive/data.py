@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -36,7 +37,7 @@ from contrastive.distributed import WorldInfo
 from contrastive.errors import UserError
 from contrastive.sharding import Plan, class_caption_sets, expand_sources, is_local, make_seed, read_shard, \
     shard_sizes
-from contrastive.transforms import decode_image, fast_preprocess, to_rgb
+from contrastive.transforms import DecodeThen, decode_image, fast_preprocess, to_rgb
 
 __all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
            "shard_sizes", "decode_image", "fast_preprocess", "to_rgb"]
@@ -62,8 +63,7 @@ class StreamSpec:
     slots: list[SlotState]
     worker_offset: int
     batch_size: int
-    transform: Callable
-    draft_side: int | None
+    transform: Callable  # (image bytes, out=None) -> (C, H, W) tensor
     tokenizer: Callable
     image_key: str
     caption_key: str
@@ -121,16 +121,9 @@ class _SlotStream(IterableDataset):
                 index += 1
             offset = 0
 
-    def _process(self, sample: dict, seed: int) -> tuple[torch.Tensor, str]:
-        """Decode, augment and caption one sample; raises _Skipped."""
+    def _caption(self, sample: dict, rng: random.Random) -> str:
         spec = self.spec
-        if "__bad__" in sample:
-            raise _Skipped(sample["__bad__"])
-        img_bytes = _first_key(sample, spec.image_key)
-        if img_bytes is None:
-            raise _Skipped("no_image")
         txt = _first_key(sample, spec.caption_key)
-        rng = random.Random(seed)
         if txt is not None:
             try:
                 caption = txt.decode("utf-8") if isinstance(txt, bytes) else str(txt)
@@ -142,19 +135,37 @@ class _SlotStream(IterableDataset):
                 raise _Skipped("no_caption")
             classnames, templates = spec.class_sets[class_set]
             try:
-                label = int(sample["cls"])
-                caption = rng.choice(templates).format(c=classnames[label])
+                caption = rng.choice(templates).format(c=classnames[int(sample["cls"])])
             except (ValueError, TypeError, IndexError):
                 raise _Skipped("no_caption") from None
         if not caption.strip():
             raise _Skipped("bad_caption")
+        return caption
+
+    def _process(self, sample: dict, seed: int, out: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+        """Caption, decode and augment one sample (the image written into `out` if given); raises _Skipped."""
+        if "__bad__" in sample:
+            raise _Skipped(sample["__bad__"])
+        img_bytes = _first_key(sample, self.spec.image_key)
+        if img_bytes is None:
+            raise _Skipped("no_image")
+        caption = self._caption(sample, random.Random(seed))
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
-            image = spec.transform(decode_image(img_bytes, draft_side=spec.draft_side))
+            image = self.spec.transform(img_bytes, out=out)
         except Exception:
             raise _Skipped("bad_image") from None
         return image, caption
+
+    def _new_batch(self, image_CHW: torch.Tensor) -> torch.Tensor:
+        """An empty (B, C, H, W) batch; in a worker it lives in shared memory (as DataLoader's collate does),
+        so handing it to the training process copies nothing."""
+        shape = (self.spec.batch_size, *image_CHW.shape)
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=image_CHW.dtype)
+        storage = image_CHW._typed_storage()._new_shared(math.prod(shape), device=image_CHW.device)
+        return image_CHW.new(storage).resize_(shape)
 
     def __iter__(self):
         spec, plan = self.spec, self.spec.plan
@@ -163,7 +174,7 @@ class _SlotStream(IterableDataset):
         worker = (worker_id + spec.worker_offset) % num_workers
         state = spec.slots[worker]
         skipped = dict(state.skipped)
-        images, captions, keys = [], [], []
+        images_BCHW, captions, keys = None, [], []
         # Without DataLoader workers this runs in the training process: per-sample seeding must not move the
         # training's own random streams, so they are saved when a batch starts and restored before it is yielded.
         saved = None
@@ -171,18 +182,22 @@ class _SlotStream(IterableDataset):
             for sample, (epoch, block, index), after in self._samples(worker, state):
                 if info is None and saved is None:
                     saved = (torch.get_rng_state(), random.getstate())
+                seed = make_seed(plan.seed, epoch, plan.rank, worker, block, index)
+                slot = images_BCHW[len(captions)] if images_BCHW is not None else None
                 try:
-                    image, caption = self._process(sample, make_seed(plan.seed, epoch, plan.rank, worker, block, index))
+                    image, caption = self._process(sample, seed, slot)
                 except _Skipped as e:
                     skipped[e.reason] = skipped.get(e.reason, 0) + 1
                     continue
-                images.append(image)
+                if images_BCHW is None:
+                    images_BCHW = self._new_batch(image)
+                    images_BCHW[0].copy_(image)
                 captions.append(caption)
                 keys.append(f"{sample.get('__url__')}#{sample.get('__key__')}")
-                if len(images) == spec.batch_size:
+                if len(captions) == spec.batch_size:
                     meta = {"worker": worker, "position": after, "skipped": dict(skipped), "keys": keys}
-                    batch = torch.stack(images), spec.tokenizer(captions), meta
-                    images, captions, keys = [], [], []
+                    batch = images_BCHW, spec.tokenizer(captions), meta
+                    images_BCHW, captions, keys = None, [], []
                     if saved is not None:
                         torch.set_rng_state(saved[0])
                         random.setstate(saved[1])
@@ -231,7 +246,7 @@ class TrainLoader:
                          world_size=world.world_size, num_workers=num_workers,
                          block_samples=cfg.block_samples or max(1000, 10 * cfg.shuffle_buffer),
                          shuffle_buffer=cfg.shuffle_buffer)
-        self.transform, self.draft_side = fast_preprocess(preprocess) if cfg.fast_decode else (preprocess, None)
+        self.transform = fast_preprocess(preprocess) if cfg.fast_decode else DecodeThen(preprocess)
         self.class_sets, self.class_set_of_shard = class_caption_sets(urls)
         self.tokenizer = tokenizer
         self.batch_size = batch_size_per_rank
@@ -320,7 +335,7 @@ class TrainLoader:
         num_slots = max(1, self.num_workers)
         spec = StreamSpec(plan=self.plan, slots=[SlotState(**s.as_dict()) for s in self.slots],
                           worker_offset=self.num_batches % num_slots, batch_size=self.batch_size,
-                          transform=self.transform, draft_side=self.draft_side, tokenizer=self.tokenizer,
+                          transform=self.transform, tokenizer=self.tokenizer,
                           image_key=self.cfg.image_key, caption_key=self.cfg.caption_key,
                           class_sets=self.class_sets, class_set_of_shard=self.class_set_of_shard)
         kwargs = {}

@@ -1,11 +1,10 @@
-"""Decoding images for training and evaluation, and a faster equivalent of open_clip's transform tail.
+"""Decoding images for training and evaluation, and a faster equivalent of open_clip's transforms.
 
 Letters in names: C channels.
 """
 from __future__ import annotations
 
 import io
-import math
 from typing import Callable
 
 import torch
@@ -59,6 +58,11 @@ class ToNormalizedTensor:
         self.mean_C11 = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
         self.inv_std_C11 = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0)
 
+    def normalize_into(self, pixels_CHW: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (C, H, W) pixels, any memory layout -> normalised float32 (C, H, W), written into `out`."""
+        out = torch.empty(pixels_CHW.shape, dtype=torch.float32) if out is None else out
+        return out.copy_(pixels_CHW).sub_(self.mean_C11).mul_(self.inv_std_C11)
+
     def __call__(self, pic) -> torch.Tensor:
         import numpy as np
 
@@ -68,34 +72,137 @@ class ToNormalizedTensor:
 
             return F.normalize(F.to_tensor(pic), (self.mean_C11 / 255.0).flatten().tolist(),
                                (1.0 / (self.inv_std_C11 * 255.0)).flatten().tolist())
-        chw = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
-        return chw.sub_(self.mean_C11).mul_(self.inv_std_C11)
+        return self.normalize_into(torch.from_numpy(np.array(arr)).permute(2, 0, 1))
 
 
-def fast_preprocess(preprocess: Callable) -> tuple[Callable, int | None]:
-    """(transform, draft side) for an open_clip/torchvision Compose: the same transform with ToTensor +
-    Normalize fused, and the smallest shorter side the first resize needs so that it never upsamples (used to
-    decode JPEGs at reduced size); other callables are returned unchanged with no draft side."""
+def _fuse_tail(preprocess: Callable) -> tuple[list, ToNormalizedTensor | None]:
+    """(the steps before ToTensor + Normalize, their fused replacement) of a torchvision Compose."""
     from torchvision import transforms as T
 
     steps = list(getattr(preprocess, "transforms", []))
     if not isinstance(preprocess, T.Compose) or len(steps) < 2:
-        return preprocess, None
+        return steps, None
     *head, to_tensor, normalize = steps
     if isinstance(normalize, T.Normalize) and type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor"):
-        transform = T.Compose(head + [ToNormalizedTensor(normalize.mean, normalize.std)])
-    else:
-        transform = preprocess
-    first = steps[0]
+        return head, ToNormalizedTensor(normalize.mean, normalize.std)
+    return steps, None
+
+
+class DecodeThen:
+    """Decode image bytes to RGB (optionally at reduced JPEG size), then apply a PIL transform."""
+
+    def __init__(self, transform: Callable, draft_side: int | None = None):
+        self.transform, self.draft_side = transform, draft_side
+
+    def __call__(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
+        image = self.transform(decode_image(data, draft_side=self.draft_side))
+        return image if out is None else out.copy_(image)
+
+
+class FastTransform:
+    """open_clip's RandomResizedCrop or Resize (+ CenterCrop), then ToTensor + Normalize, run on uint8 pixels.
+
+    The geometry and the random draws are torchvision's own (get_params on the stored image's size, from the
+    same torch generator), so a seed gives the same crop. The resampling runs in torch's channels-last uint8
+    antialiased kernels, which follow PIL's to within a grey level at a fraction of the cost, and a JPEG is
+    decoded at the largest DCT reduction (1/2, 1/4, 1/8) that still leaves the crop at least as many pixels
+    as the output: never an upsampled draft.
+    """
+
+    def __init__(self, *, kind: str, size_hw: tuple[int, int], mode: str, normalize: ToNormalizedTensor,
+                 scale=(1.0, 1.0), ratio=(1.0, 1.0), resize: int | tuple[int, int] | None = None,
+                 crop_hw: tuple[int, int] | None = None):
+        self.kind, self.size_hw, self.mode, self.normalize = kind, size_hw, mode, normalize
+        self.scale, self.ratio, self.resize, self.crop_hw = scale, ratio, resize, crop_hw
+
+    @classmethod
+    def from_compose(cls, preprocess: Callable) -> "FastTransform | None":
+        """The fast equivalent of an open_clip train/val Compose, or None for any other transform."""
+        from torchvision import transforms as T
+
+        head, normalize = _fuse_tail(preprocess)
+        head = [t for t in head if type(t).__name__ != "MaybeConvertMode"]  # pixels are RGB already
+        if normalize is None or not head:
+            return None
+        first = head[0]
+        mode = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}.get(
+            getattr(first, "interpolation", None))
+        if mode is None or getattr(first, "antialias", True) is False:
+            return None
+        if len(head) == 1 and isinstance(first, T.RandomResizedCrop):
+            return cls(kind="crop", size_hw=tuple(first.size), mode=mode, normalize=normalize,
+                       scale=tuple(first.scale), ratio=tuple(first.ratio))
+        if isinstance(first, T.Resize) and first.max_size is None:
+            size = first.size if isinstance(first.size, int) else tuple(first.size)
+            if isinstance(size, tuple) and len(size) == 1:
+                size = size[0]
+            if len(head) == 1 and isinstance(size, tuple):
+                return cls(kind="resize", size_hw=size, mode=mode, normalize=normalize, resize=size)
+            if len(head) == 2 and isinstance(head[1], T.CenterCrop) and isinstance(size, int):
+                crop_hw = tuple(head[1].size) if len(head[1].size) == 2 else (head[1].size[0],) * 2
+                if max(crop_hw) <= size:
+                    return cls(kind="resize", size_hw=crop_hw, mode=mode, normalize=normalize, resize=size,
+                               crop_hw=crop_hw)
+        return None
+
+    def _resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        """torchvision's Resize output size: an int sets the shorter side (the longer one truncated)."""
+        if isinstance(self.resize, tuple):
+            return self.resize
+        if height <= width:
+            return self.resize, int(self.resize * width / height)
+        return int(self.resize * height / width), self.resize
+
+    def __call__(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
+        import numpy as np
+        import torch.nn.functional as F
+        from PIL import Image
+        from torchvision import transforms as T
+
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if self.kind == "crop":
+            top, left, crop_h, crop_w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+            room = min(crop_h / self.size_hw[0], crop_w / self.size_hw[1])
+        else:
+            resized_hw = self._resized_hw(height, width)
+            room = min(height / resized_hw[0], width / resized_hw[1])
+        reduction = next((k for k in (8, 4, 2) if k <= room), 1)
+        if reduction > 1 and img.format == "JPEG":
+            img.draft("RGB", (width // reduction, height // reduction))
+        pixels = np.array(to_rgb(img))
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last memory
+        sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
+        if self.kind == "crop":
+            y0, x0 = round(top * sy), round(left * sx)
+            y1, x1 = max(y0 + 1, round((top + crop_h) * sy)), max(x0 + 1, round((left + crop_w) * sx))
+            x = F.interpolate(x[..., y0:y1, x0:x1], size=self.size_hw, mode=self.mode, antialias=True)
+        else:
+            x = F.interpolate(x, size=resized_hw, mode=self.mode, antialias=True)
+            if self.crop_hw is not None:
+                crop_h, crop_w = self.crop_hw
+                top = int(round((resized_hw[0] - crop_h) / 2.0))
+                left = int(round((resized_hw[1] - crop_w) / 2.0))
+                x = x[..., top:top + crop_h, left:left + crop_w]
+        return self.normalize.normalize_into(x[0], out)
+
+
+def fast_preprocess(preprocess: Callable) -> Callable:
+    """A callable (image bytes, out=None) -> (C, H, W) tensor equivalent to decoding, then `preprocess`.
+
+    open_clip's plain train and val transforms run as FastTransform; any other Compose keeps its PIL steps
+    with ToTensor + Normalize fused, and decodes JPEGs at reduced size only where its first resize needs no
+    more pixels than that (a Resize of the shorter side)."""
+    from torchvision import transforms as T
+
+    fast = FastTransform.from_compose(preprocess)
+    if fast is not None:
+        return fast
+    head, normalize = _fuse_tail(preprocess)
+    transform = T.Compose(head + [normalize]) if normalize is not None else preprocess
+    first = head[0] if head else None
     draft = None
-    if isinstance(first, T.RandomResizedCrop):
-        # The crop keeps >= scale[0] of the area at aspect >= min(ratio, 1/ratio); its shorter side is at least
-        # sqrt(scale[0] * aspect) of the image's shorter side, and it is resized to max(size).
-        aspect = min(first.ratio[0], 1.0 / first.ratio[1], 1.0)
-        draft = math.ceil(max(first.size) / math.sqrt(first.scale[0] * aspect))
-    elif isinstance(first, T.Resize):
+    if isinstance(first, T.Resize) and first.max_size is None:
         size = first.size
-        draft = size if isinstance(size, int) else (size[0] if len(size) == 1 else max(size))
-        if first.max_size is not None:
-            draft = None
-    return transform, draft
+        draft = size if isinstance(size, int) else (size[0] if len(size) == 1 else None)
+    return DecodeThen(transform, draft)
