@@ -36,8 +36,9 @@ class DataConfig:
     # Each stream reads blocks of whole shard ranges of at least this many samples; the shuffle buffer mixes
     # within a block, and a resume re-reads (without decoding) at most one block. 0: 10 x shuffle_buffer, >= 1000.
     block_samples: int = 0
-    # Decode JPEGs at reduced size when the first resize would shrink them 2x or more, and fuse ToTensor with
-    # Normalize (see contrastive/data.py); false runs the model's open_clip transform exactly as built.
+    # Run the model's open_clip train transform on uint8 pixels (same random crop, resampled within a grey
+    # level of PIL) and decode JPEGs at reduced size where the crop still covers the output (see
+    # contrastive/transforms.py); false runs the transform on PIL images exactly as built.
     fast_decode: bool = True
 
     def __post_init__(self):
