@@ -2,6 +2,7 @@
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,12 @@ from data_prep.build import BuildOptions
 from data_prep.imagefolder import DEFAULT_TEMPLATES, prep_imagefolder
 from data_prep.images import ImageOptions
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-train.tar.gz"
+# The shared archive beside the checkout (../shared), or where this project's machines keep it (a fresh clone
+# elsewhere, as CI makes), or CONTRASTIVE_CIFAR10_TAR.
+_CANDIDATES = [os.environ.get("CONTRASTIVE_CIFAR10_TAR", ""),
+               Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-train.tar.gz",
+               "/work/shared/data/cifar10/cifar10-train.tar.gz"]
+CIFAR = next((Path(c) for c in _CANDIDATES if c and Path(c).is_file()), Path(_CANDIDATES[1]))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_CLASS = 30
 
