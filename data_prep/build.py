@@ -256,11 +256,13 @@ def build_shards(items: Iterable[Item], out_dir: Path, *, opts: BuildOptions, re
                     written += 1
     finally:
         bar.close()
-    sizes = write_sizes(out_dir)
+    write_sizes(out_dir)
     summary = summarize(out_dir)
+    if summary["num_shards"] != written + kept:
+        raise UserError(f"{out_dir} holds {summary['num_shards']} shards but this input makes {written + kept}: "
+                        f"the others come from an earlier, larger input; write to a new OUT_DIR")
     summary.update(shards_written=written, shards_kept=kept, seconds=round(time.time() - start, 3))
     (out_dir / PREP_FILE).write_text(json.dumps({**record, "summary": summary}, indent=2))
-    assert summary["num_shards"] == len(sizes)
     return summary
 
 

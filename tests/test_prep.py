@@ -204,6 +204,10 @@ def test_rerun_resumes_and_refuses_other_options(tmp_path):
     other = BuildOptions(ImageOptions(image_size=128), samples_per_shard=8)
     with pytest.raises(UserError, match="image_size"):
         prep_pairs(tmp_path / "in", out, opts=other, num_procs=1, progress=False)
+    # A shard this input does not make (left by an earlier, larger input) is not silently counted.
+    (out / "00007_stats.json").write_text((out / "00000_stats.json").read_text())
+    with pytest.raises(UserError, match="earlier, larger input"):
+        prep_pairs(tmp_path / "in", out, opts=MESSY_OPTIONS, num_procs=1, progress=False)
 
 
 def test_cli_prep_pairs_reports_and_fails_cleanly(tmp_path, capsys):
