@@ -83,6 +83,10 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
             context_length=cfg.text_context_length or int(arch.get("text_cfg", {}).get("context_length", 77)))
     elif cfg.text_context_length:
         arch["text_cfg"]["context_length"] = cfg.text_context_length
+    if arch.get("text_cfg", {}).get("hf_model_name"):
+        from contrastive.pretrained import check_hf_text_cfg
+
+        check_hf_text_cfg(arch["text_cfg"])  # a hub name becomes its local cache directory, recorded in model_cfg
     model = _instantiate(arch)
     if cfg.text_pretrained and not cfg.text_random_init:
         from contrastive.pretrained import load_hf_weights

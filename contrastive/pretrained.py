@@ -80,17 +80,14 @@ def sentence_transformers_parts(root: Path) -> tuple[Path, str | None]:
     modules_file = root / "modules.json"
     if not modules_file.is_file():
         return root, None
-    try:
-        modules = json.loads(modules_file.read_text())
-    except (json.JSONDecodeError, OSError) as e:
-        raise UserError(f"{modules_file} is not valid JSON ({e})") from None
+    modules = _read_json(modules_file)
     model_dir, pooling = root, None
     for module in modules if isinstance(modules, list) else []:
         kind, sub = str(module.get("type", "")), str(module.get("path", ""))
         if kind.endswith(".Transformer"):
             model_dir = root / sub
         elif kind.endswith(".Pooling") and (root / sub / "config.json").is_file():
-            cfg = json.loads((root / sub / "config.json").read_text())
+            cfg = _read_json(root / sub / "config.json")
             modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
                                  "lasttoken") if cfg.get(f"pooling_mode_{m}")]
             pooling = {("cls_token",): "cls", ("mean_tokens",): "mean"}.get(tuple(modes), "other:" + "+".join(modes))
@@ -116,11 +113,15 @@ def hf_text_dirs(text_pretrained: str, text_tokenizer: str = "") -> tuple[Path, 
     return model_dir.resolve(), tok_dir.resolve(), pooling
 
 
-def hf_model_type(model_dir: Path) -> str:
+def _read_json(path: Path):
     try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (json.JSONDecodeError, OSError) as e:
-        raise UserError(f"{model_dir / 'config.json'} is not valid JSON ({e})") from None
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def hf_model_type(model_dir: Path) -> str:
+    config = _read_json(model_dir / "config.json")
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError(f"{model_dir / 'config.json'} has no model_type: not a transformers model config")
     return str(config["model_type"])
@@ -141,7 +142,7 @@ def register_hf_arch(model_type: str, model_dir: Path) -> None:
             names.setdefault("layer_attr", "layer")
             names.setdefault("token_embeddings_attr", "embeddings")
         return
-    config = json.loads((model_dir / "config.json").read_text())
+    config = _read_json(model_dir / "config.json")
     if all(k in config for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")):
         arch_dict[model_type] = copy.deepcopy(bert_like)
         return
@@ -161,7 +162,7 @@ def text_cfg_for(*, text_pretrained: str, text_tokenizer: str, pooler: str, proj
                             f"support; set model.text_pooler to cls, mean or pooler")
         pooler = st_pooling or {"cls_pooler": "pooler", "mean_pooler": "mean",
                                 "cls_last_hidden_state_pooler": "cls"}.get(_default_pooler(model_type), "mean")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = _read_json(model_dir / "config.json")
     width = config.get("hidden_size", config.get("d_model"))
     if proj == "none" and width != embed_dim:
         raise UserError(f"model.text_proj=none needs the text width ({width}) to equal the model's embed_dim "
