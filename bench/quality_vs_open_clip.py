@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-steps", type=int, default=20, help="steps of each speed probe")
     parser.add_argument("--ours-steps", type=int, default=None, help="skip our probe and train this many steps")
     parser.add_argument("--openclip-steps", type=int, default=None, help="skip open_clip's probe, train this many")
-    parser.add_argument("--openclip-chunks", type=int, default=5, help="open_clip epochs (a checkpoint after each)")
+    parser.add_argument("--openclip-chunks", type=int, default=3, help="open_clip epochs (a checkpoint after each)")
     parser.add_argument("--openclip-python", type=Path, default=None,
                         help="python of an environment with open_clip_train (default: bench/.venv-openclip, "
                              "created on first use)")
