@@ -91,12 +91,24 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(cluster_env, synthetic_data, tmp_path_factory) -> dict:
-    """One uninterrupted 2-node x 1-task job; the reference for the preempted one."""
-    run_dir = tmp_path_factory.mktemp("slurm") / "run"
-    job_id = _submitted_job_id(_submit(cluster_env, run_dir, ["--nodes", "2", "--gpus-per-node", "0",
-                                                              *_training_overrides(synthetic_data, STEPS)]))
-    return {"run_dir": run_dir, "job_id": job_id, "job": _wait(cluster_env, job_id, run_dir)}
+def finished_runs(cluster_env, synthetic_data, tmp_path_factory) -> dict:
+    """Two uninterrupted 2-node jobs, run side by side (each takes one CPU per node): the srun launcher's (the
+    reference for the preempted job) and a shorter one with the torchrun launcher."""
+    root = tmp_path_factory.mktemp("slurm")
+    runs = {}
+    for name, args in (("srun", _training_overrides(synthetic_data, STEPS)),
+                       ("torchrun", ["--launcher", "torchrun", *_training_overrides(synthetic_data, 10)])):
+        run_dir = root / name
+        done = _submit(cluster_env, run_dir, ["--nodes", "2", "--gpus-per-node", "0", *args])
+        runs[name] = {"run_dir": run_dir, "job_id": _submitted_job_id(done)}
+    for run in runs.values():
+        run["job"] = _wait(cluster_env, run["job_id"], run["run_dir"])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def finished_run(finished_runs) -> dict:
+    return finished_runs["srun"]
 
 
 def test_two_node_zero2_job_trains_on_both_nodes(finished_run):
@@ -129,6 +141,23 @@ def test_two_node_zero2_job_trains_on_both_nodes(finished_run):
     submitted, ran = load_config(run_dir / "slurm" / "config.yaml"), load_config(run_dir / "config.yaml")
     assert submitted.train.steps == STEPS and submitted.deepspeed.zero_stage == 2 and ran.train.resume == "latest"
     assert dataclasses.replace(ran, train=dataclasses.replace(ran.train, resume="")) == submitted
+
+
+def test_torchrun_launcher_runs_one_torchrun_per_node(finished_runs):
+    run_dir, job_id, job = (finished_runs["torchrun"][k] for k in ("run_dir", "job_id", "job"))
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", _logs(run_dir)
+    assert job["Restarts"] == "0" and job["NodeList"] == "node[1-2]"
+    logs = run_dir / "logs" / f"job-{job_id}-run0"
+    assert "torchrun on node node1 (node rank 0)" in (logs / "node-0.log").read_text()
+    assert "torchrun on node node2 (node rank 1)" in (logs / "node-1.log").read_text()
+    # Each node's torchrun started one worker with its own log; rank 0 (node 0) prints the summary.
+    worker_logs = [list((logs / f"torchrun-node{node}").glob(f"{job_id}_*/attempt_0/0/stdout.log")) for node in (0, 1)]
+    assert [len(found) for found in worker_logs] == [1, 1]
+    assert "finished at step 10" in worker_logs[0][0].read_text()
+    assert [r["step"] for r in _metrics(run_dir)] == list(range(1, 11))
+    ckpt = run_dir / "checkpoints" / "step_00000010"
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    assert (ckpt / "rank_00000.json").is_file() and (ckpt / "rank_00001.json").is_file()
 
 
 def test_preempted_job_requeues_and_resumes_with_every_step_logged_once(cluster_env, synthetic_data, finished_run,
