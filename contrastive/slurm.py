@@ -313,8 +313,9 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return re.sub(r"{{(\w+)}}", lambda m: values[m.group(1)], template)
 
 
-def render(plan: Plan, *, config_file: Path) -> str:
-    """The job script for `plan`, reading the resolved config from `config_file`."""
+def render(plan: Plan, *, config_file: Path, commit: str = "unknown") -> str:
+    """The job script for `plan`, reading the resolved config from `config_file`; `commit` is the code version
+    at submission (each run logs a note when the code it runs differs)."""
     req = plan.request
     q = shlex.quote
     lines = []
@@ -344,6 +345,7 @@ def render(plan: Plan, *, config_file: Path) -> str:
         "max_restarts": str(req.max_restarts),
         "env_lines": "\n".join(env_lines),
         "repo": str(REPO),
+        "submit_commit": commit,
     }
     return _fill(TEMPLATE.read_text(), values)
 
@@ -395,7 +397,8 @@ def submit(req: JobRequest, *, dry_run: bool = False) -> Submission:
         plan.notes.append(unreachable)
     slurm_dir = plan.run_dir / "slurm"
     config_file = slurm_dir / "config.yaml"
-    script = render(plan, config_file=config_file)
+    version = code_version()
+    script = render(plan, config_file=config_file, commit=version["commit"])
     sub = Submission(script=script, plan=plan, cluster_checked=cluster is not None)
     if cluster is not None:
         _check_run_dir_free(plan.run_dir)
@@ -409,7 +412,6 @@ def submit(req: JobRequest, *, dry_run: bool = False) -> Submission:
     (plan.run_dir / "logs").mkdir(exist_ok=True)
     config_file.write_text(plan.config_yaml)
     (slurm_dir / "job.sbatch").write_text(script)
-    version = code_version()
     if version["dirty"]:
         (slurm_dir / "code.diff").write_text(version["diff"])
     sub.job_id = _sbatch(["--parsable"], script=script).split(";")[0]
