@@ -35,8 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from contrastive.config import DataConfig
 from contrastive.distributed import WorldInfo
 from contrastive.errors import UserError
-from contrastive.sharding import Plan, class_caption_sets, expand_sources, is_local, make_seed, read_shard, \
-    shard_sizes
+from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, read_shard, shard_sizes
 from contrastive.transforms import DecodeThen, decode_image, fast_preprocess, to_rgb
 
 __all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
@@ -237,7 +236,9 @@ class TrainLoader:
             raise UserError("data.train_weights needs data.resampled=true: epoch-exact mode reads every sample once "
                             "per epoch, so sources cannot be weighted")
         urls = [u for source in self.sources for u in source]
-        sizes = shard_sizes(urls, count_unknown=not cfg.resampled or all(is_local(u) for u in urls))
+        # Epoch-exact mode needs every size; resampled mode draws shards without them (with train_weights,
+        # an uncounted shard is taken to hold the mean of the counted ones, or all the same if none is).
+        sizes = shard_sizes(urls, count_unknown=not cfg.resampled)
         num_workers = cfg.num_workers
         if not cfg.resampled and sum(s or 0 for s in sizes) == 0:
             raise UserError(f"data.train {cfg.train!r} holds no samples")

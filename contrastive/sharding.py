@@ -115,15 +115,41 @@ def _sizes_from_files(url: str, cache: dict) -> int | None:
     return None
 
 
+def count_samples(url: str) -> int:
+    """The number of samples webdataset reads from a shard. A local tar is counted from its member headers
+    alone (grouped by key as webdataset groups them); anything else, or a damaged tar, is read through."""
+    import re
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
+
+    if is_local(url):
+        try:
+            count, current = 0, None
+            with tarfile.open(url, mode="r:*") as archive:
+                for member in archive:
+                    name = member.name
+                    if not member.isreg() or re.match(r"__[^/]*__($|/)", name) or \
+                            ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)):
+                        continue
+                    prefix, _ = base_plus_ext(name)
+                    if prefix is not None and prefix != current:
+                        count, current = count + 1, prefix
+            return count
+        except (tarfile.TarError, OSError, EOFError):
+            pass
+    return sum(1 for sample in read_shard(url) if "__bad__" not in sample)
+
+
 def shard_sizes(urls: list[str], *, count_unknown: bool = True) -> list[int | None]:
-    """Samples per shard: from sizes.json or *_stats.json where they exist, else counted by reading the
-    shard once (CLIP_benchmark sets and remote shards have neither); None where not counted."""
+    """Samples per shard: from sizes.json or *_stats.json where they exist, else counted once (CLIP_benchmark
+    sets and remote shards have neither) when `count_unknown`; None where not counted."""
     cache: dict = {}
     sizes = []
     for url in urls:
         size = _sizes_from_files(url, cache) if is_local(url) else None
         if size is None and count_unknown:
-            size = sum(1 for sample in read_shard(url) if "__bad__" not in sample)
+            size = count_samples(url)
         sizes.append(size)
     return sizes
 

@@ -269,6 +269,27 @@ def test_sizes_come_from_img2dataset_stats_without_sizes_json(tmp_path):
     assert len({k for _, _, ks in _take(_loader(spec, resampled=False, batch=16), 1) for k in ks}) == 16
 
 
+def test_counting_a_shard_from_headers_agrees_with_reading_it(tmp_path):
+    from contrastive.sharding import count_samples, read_shard
+
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tf:
+        tf.addfile(tarfile.TarInfo("dir"))
+        tf.getmembers()[-1].type = tarfile.DIRTYPE
+        for name in ("a.jpg", "a.txt", "__meta__", "sub/__cache__/x.txt", "b.jpg", "noext", "c.jpg", "c.txt",
+                     "a.json", "d.e.f"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+    # a, sub/__cache__/x, b, c, a again, d: "__meta__" is skipped, "noext" has no key, keys group only in runs
+    assert count_samples(str(path)) == len(list(read_shard(str(path)))) == 6
+    gz = tmp_path / "odd.tar.gz"
+    import gzip
+
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert count_samples(str(gz)) == 6
+
+
 # ---------------------------------------------------------------- the fast transform path
 
 def _smooth_jpeg(width: int, height: int, seed: int) -> bytes:
