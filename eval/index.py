@@ -424,6 +424,8 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall must be in (0, 1], got {target_recall}")
     expand_sources(data)
+    if not Path(model).exists():
+        raise UserError(f"--model {model} does not exist")
     out = Path(out)
     clear_index_dir(out, overwrite=overwrite)
     bundle, info = load_for_inference(model)

@@ -383,6 +383,8 @@ def run_cli(args) -> dict:
 
     if args.top_k <= 0:
         raise UserError(f"--top-k must be > 0, got {args.top_k}")
+    if not Path(args.model).exists():  # before reading any data
+        raise UserError(f"--model {args.model} does not exist")
     data, found = (resolve_data(args.data, split=args.split) if args.data else (None, {"classnames": None,
                                                                                         "templates": None}))
     classes = None
