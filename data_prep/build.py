@@ -197,7 +197,9 @@ def _check_options(out_dir: Path, record: dict) -> None:
             changed = sorted(k for k in set(old.get(key) or {}) | set(record.get(key) or {})
                              if (old.get(key) or {}).get(k) != (record.get(key) or {}).get(k)) \
                 if isinstance(record.get(key), dict) else [key]
-            raise UserError(f"{out_dir} holds shards made with other settings ({', '.join(changed)} differ); "
+            changed = [name.replace("_", "-") for name in changed]
+            raise UserError(f"{out_dir} holds shards made with other settings (--{', --'.join(changed)}"
+                            f"{' differs' if len(changed) == 1 else ' differ'}); "
                             f"re-run with the same options to resume, or write to a new OUT_DIR")
 
 
