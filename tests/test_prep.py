@@ -202,7 +202,7 @@ def test_rerun_resumes_and_refuses_other_options(tmp_path):
     assert summary["skipped"] == EXPECTED_SKIPS
     assert tars[0].stat().st_mtime_ns == mtimes[tars[0]] and tars[2].stat().st_mtime_ns == mtimes[tars[2]]
     other = BuildOptions(ImageOptions(image_size=128), samples_per_shard=8)
-    with pytest.raises(UserError, match="--image-size differs"):
+    with pytest.raises(UserError, match="other settings \(--image-size, "):
         prep_pairs(tmp_path / "in", out, opts=other, num_procs=1, progress=False)
     # A shard this input does not make (left by an earlier, larger input) is not silently counted.
     (out / "00007_stats.json").write_text((out / "00000_stats.json").read_text())
