@@ -162,6 +162,9 @@ def load_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
 
         module = safe_torch_load(ckpt / DS_MODEL_FILE)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    from contrastive.engine import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.utils import zero_to_fp32
 
     original = zero_to_fp32.torch

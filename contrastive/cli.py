@@ -109,81 +109,16 @@ def _add_image_options(parser) -> None:
     parser.add_argument("--num-procs", type=int, default=None, help="worker processes (default: all cores)")
 
 
-def _build_options(args):
-    import math
-
-    from data_prep.build import BuildOptions
-    from data_prep.images import ImageOptions
-
-    try:
-        image = ImageOptions(image_size=args.image_size, resize_mode=args.resize_mode, jpeg_quality=args.jpeg_quality,
-                             min_image_size=args.min_image_size,
-                             max_aspect_ratio=args.max_aspect_ratio if args.max_aspect_ratio > 0 else math.inf,
-                             max_pixels=args.max_pixels)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return BuildOptions(image=image, samples_per_shard=args.samples_per_shard, dedup=args.dedup)
-
-
-def _print_prep_summary(summary: dict, out_dir: Path) -> None:
-    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
-    converted = ", ".join(f"{k}={v}" for k, v in summary["converted"].items()) or "none"
-    print(f"{summary['num_samples']} samples from {summary['num_inputs']} inputs in {summary['num_shards']} shards "
-          f"({summary['shards_written']} written, {summary['shards_kept']} kept from an earlier run)")
-    print(f"skipped: {skipped}")
-    print(f"converted: {converted}")
-    print(f"summary: {out_dir / 'prep.json'}")
-
-
-def cmd_prep_pairs(args) -> int:
-    from data_prep.pairs import prep_pairs
-
-    summary = prep_pairs(args.input, args.out_dir, opts=_build_options(args), image_column=args.image_column,
-                         caption_column=args.caption_column, image_root=args.image_root, num_procs=args.num_procs)
-    _print_prep_summary(summary, args.out_dir)
-    print(f"shards: {args.out_dir}/{{00000..{summary['num_shards'] - 1:05d}}}.tar")
-    return 0
-
-
-def cmd_prep_imagefolder(args) -> int:
-    from data_prep.imagefolder import prep_imagefolder
-
-    summary = prep_imagefolder(args.root, args.out_dir, opts=_build_options(args), split=args.split,
-                               templates_file=args.templates, classnames_file=args.classnames,
-                               num_procs=args.num_procs)
-    _print_prep_summary(summary, args.out_dir / args.split)
-    print(f"shards: {args.out_dir / args.split}/{{00000..{summary['num_shards'] - 1:05d}}}.tar "
-          f"({summary['classes']} classes in {args.out_dir / 'classnames.txt'})")
-    return 0
-
-
-def _add_image_options(parser) -> None:
-    """Options shared by `prep pairs` and `prep imagefolder` (img2dataset's names and defaults)."""
-    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels after resizing")
-    parser.add_argument("--resize-mode", default="border", choices=("no", "border", "keep_ratio", "center_crop"),
-                        help="no: keep the size; border: fit the longer side and pad to a square; keep_ratio: "
-                             "fit the shorter side; center_crop: fit the shorter side and crop a square")
-    parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the stored images")
-    parser.add_argument("--samples-per-shard", type=int, default=10000, help="inputs per shard (at most 10000)")
-    parser.add_argument("--min-image-size", type=int, default=0, help="skip images whose shorter side is smaller")
-    parser.add_argument("--max-aspect-ratio", type=float, default=0,
-                        help="skip images with long side / short side above this (0: no limit)")
-    parser.add_argument("--max-pixels", type=int, default=100_000_000,
-                        help="skip images with more pixels than this (after reduced-size JPEG decoding)")
-    parser.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
-                        help="skip inputs whose image bytes equal an earlier input's")
-    parser.add_argument("--num-procs", type=int, default=None, help="worker processes (default: all cores)")
-
-
 def cmd_train(args) -> int:
+    from contrastive.preemption import EXIT_PREEMPTED, StopRequest
+
+    stop = StopRequest()  # before the heavy imports: a scheduler's early USR1/TERM must not kill start-up
     from contrastive.config import load_config
     from contrastive.train import train
 
-    from contrastive.train import EXIT_PREEMPTED
-
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = train(cfg, run_dir)
+    result = train(cfg, run_dir, stop=stop)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.record, indent=2))
         status = "stopped early on request (resume with train.resume=latest)" if result.preempted else "finished"
@@ -333,43 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     syn.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     syn.set_defaults(func=cmd_prep_synthetic)
-
-    pairs = prep_sub.add_parser(
-        "pairs", help="image-caption pairs from a folder, a table or a tar", formatter_class=_Formatter,
-        description="INPUT is a folder of images with a sidecar caption each (a.jpg + a.txt [+ a.json]), a "
-                    "CSV/TSV/JSONL/Parquet table with an image-path and a caption column (other columns go into "
-                    "each sample's JSON), or a tar of such pairs. Writes img2dataset-style shards into OUT_DIR; "
-                    "re-running the same command keeps finished shards.")
-    pairs.add_argument("input", type=Path, help="folder, table (.csv .tsv .jsonl .parquet) or tar")
-    pairs.add_argument("out_dir", type=Path, help="output folder for the shards")
-    pairs.add_argument("--image-column", default=None,
-                       help="table column with image paths (default: the first of filepath, image_path, image, "
-                            "path, file, filename, url)")
-    pairs.add_argument("--caption-column", default=None,
-                       help="table column with captions (default: the first of caption, title, text, txt, alt)")
-    pairs.add_argument("--image-root", type=Path, default=None,
-                       help="folder that relative image paths of a table start from (default: the table's folder)")
-    _add_image_options(pairs)
-    pairs.set_defaults(func=cmd_prep_pairs)
-
-    folder = prep_sub.add_parser(
-        "imagefolder", help="a classification set (one folder per class) as captioned, labelled shards",
-        formatter_class=_Formatter,
-        description="ROOT holds one folder per class (or is a tar of such a folder). Each image gets a caption "
-                    "from a template with its class name, and a .cls label; OUT_DIR gets classnames.txt and "
-                    "zeroshot_classification_templates.txt (CLIP_benchmark's WebDataset layout), and the shards "
-                    "go into OUT_DIR/SPLIT. Training and `contrastive zeroshot` read the result.")
-    folder.add_argument("root", type=Path, help="folder of class folders, or a tar of one")
-    folder.add_argument("out_dir", type=Path, help="output folder of the set")
-    folder.add_argument("--templates", type=Path, default=None,
-                        help="file with one caption template per line containing {c} (default: 14 built-in "
-                             "photo templates)")
-    folder.add_argument("--classnames", type=Path, default=None,
-                        help="file with one class name per line, in the sorted order of the class folders "
-                             "(default: folder names with _ as spaces)")
-    folder.add_argument("--split", default="train", help="sub-folder of OUT_DIR for the shards (train, test, ...)")
-    _add_image_options(folder)
-    folder.set_defaults(func=cmd_prep_imagefolder)
 
     pairs = prep_sub.add_parser(
         "pairs", help="image-caption pairs from a folder, a table or a tar", formatter_class=_Formatter,

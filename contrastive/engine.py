@@ -38,13 +38,28 @@ def slurm_master_addr(env: dict) -> str | None:
     return m.group(1) + (m.group(2) or "") if m else None
 
 
+def import_deepspeed():
+    """Import DeepSpeed without its start-up chatter on machines without a GPU (it would otherwise warn that no
+    CUDA runtime is found and that it falls back to its CPU accelerator, on every rank)."""
+    import logging
+
+    if "deepspeed" not in __import__("sys").modules and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
 def init_distributed() -> WorldInfo:
     """Start the default process group from torchrun/deepspeed/Slurm variables (a 1-rank group otherwise).
 
     Under srun, RANK/WORLD_SIZE/LOCAL_RANK come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the master
     is the job's first node and the port is derived from the job id, so every task agrees without talking.
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if dist.is_available() and dist.is_initialized():
         return WorldInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -94,6 +109,8 @@ def deepspeed_config(cfg: Config, world: WorldInfo) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if ds.precision == "amp_bf16":  # fp32 weights and optimizer; DeepSpeed runs the forward under bf16 autocast
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return deep_merge(out, ds.extra)
 
 
@@ -112,19 +129,64 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 
 def build_engine(model: torch.nn.Module, cfg: Config, world: WorldInfo, lr_lambda: Callable[[int], float]):
     """Wrap `model` in a DeepSpeed engine with AdamW (no decay on gains/biases/logit scale) and our LR schedule."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.model.compile:
+        compile_towers(model, backend=cfg.model.compile_backend)
     groups = [g for g in param_groups(model, cfg.optim.weight_decay) if g["params"]]
-    fused = {"fused": True} if torch.cuda.is_available() else {}
+    # The fused kernel also skips a non-finite step on the device (found_inf), which train.sync_every > 1 needs.
+    fused = {"fused": True} if torch.cuda.is_available() or cfg.train.sync_every > 1 else {}
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, **fused)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+    _without_host_syncs(engine, optimizer, cfg, world)
     return engine, scheduler
+
+
+# ---------------------------------------------------------------- speed: compiled towers, a step without host syncs
+
+def compile_towers(model: torch.nn.Module, *, backend: str = "inductor") -> None:
+    """torch.compile the image tower and the text tower in place (Module.compile keeps parameter names, so
+    checkpoints and exports are unchanged); the glue between them (projections, normalisation) stays eager."""
+    text = model.text if getattr(model, "text", None) is not None else getattr(model, "transformer", None)
+    for tower in (model.visual, text):  # CustomTextCLIP has .text, CLIP the text blocks in .transformer
+        if tower is not None:
+            tower.compile(backend=backend)
+
+
+def _clip_grad_norm_on_device(parameters: list, max_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], max_norm)
+
+
+def _without_host_syncs(engine, optimizer, cfg: Config, world: WorldInfo) -> None:
+    """When DeepSpeed steps our AdamW itself (ZeRO 0, fp32 or amp_bf16 weights): replace its gradient clipping
+    (a norm and a multiply per parameter, and two blocking host-to-device copies that make the host wait for
+    the device) by torch's multi-tensor clip_grad_norm_, the same arithmetic up to the order of summation; and
+    on one rank skip its flatten/all-reduce/copy-back of every gradient, an average over that single rank."""
+    plain = engine.optimizer is optimizer
+    if cfg.train.sync_every > 1 and not plain:
+        raise UserError(f"train.sync_every={cfg.train.sync_every} needs deepspeed.zero_stage=0 and deepspeed.precision "
+                        f"fp32 or amp_bf16 (DeepSpeed's bf16/fp16 and ZeRO optimizers read gradient norms on the host "
+                        f"every step anyway); got zero_stage={cfg.deepspeed.zero_stage}, "
+                        f"precision={cfg.deepspeed.precision}")
+    if not plain:
+        return
+    if cfg.optim.grad_clip > 0:
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        engine.clip_fp32_gradients = lambda: _clip_grad_norm_on_device(params, cfg.optim.grad_clip)
+    if world.world_size == 1:
+        engine.enable_backward_allreduce = False
+
+
+def skip_update_if(engine, nonfinite: torch.Tensor) -> None:
+    """Make the next optimizer step a no-op on the device where `nonfinite` (a 0-dim bool tensor) is true:
+    fused AdamW reads `found_inf` (as under torch's GradScaler) and leaves weights, moments and step count."""
+    engine.optimizer.found_inf = nonfinite.detach().float().reshape(())
 
 
 # ---------------------------------------------------------------- safe loading of DeepSpeed checkpoints

@@ -20,12 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from contrastive.errors import UserError
+from contrastive.preemption import EXIT_PREEMPTED  # light: submitting imports no torch
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "slurm" / "train.sbatch"
-# contrastive.train.EXIT_PREEMPTED, repeated here so that submitting does not import torch (a test keeps the
-# two equal): the exit code of a run that saved a checkpoint because it was asked to stop.
-EXIT_PREEMPTED = 75
 LAUNCHERS = ("srun", "torchrun")
 _SUBMISSIONS = "submissions.jsonl"
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")

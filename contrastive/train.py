@@ -8,7 +8,6 @@ scheduler can requeue it and `train.resume=latest` continues exactly where it st
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,9 @@ from contrastive.errors import UserError
 from contrastive.evaluators import build_evaluators, run_evaluators
 from contrastive.losses import build_loss
 from contrastive.metrics import MetricsLogger
+from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
 from contrastive.models import build_model
 
-# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry" - the run saved a checkpoint
-# because it was asked to stop (SIGTERM/SIGUSR1) and can be resumed with train.resume=latest.
-EXIT_PREEMPTED = 75
 
 
 class TrainingDiverged(UserError):
@@ -47,13 +44,20 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
-def _agree(loss: torch.Tensor, stop: bool, group=None) -> tuple[float, bool]:
-    """One all-reduce per step: the mean loss over ranks, and whether any rank was asked to stop."""
-    flags = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)]).cpu()
+def _agreed_on_device(loss: torch.Tensor, stop: bool, group=None) -> torch.Tensor:
+    """One all-reduce per step, on the loss's device (NCCL reduces no host tensors) and read by nobody yet:
+    [mean loss over ranks, number of ranks asked to stop]."""
+    flags = torch.stack([loss.detach().float().reshape(()), torch.full((), float(stop), device=loss.device)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(flags, group=group)
         flags[0] /= dist.get_world_size(group)
-    return flags[0].item(), bool(flags[1].item() > 0)
+    return flags
+
+
+def _agree(loss: torch.Tensor, stop: bool, group=None) -> tuple[float, bool]:
+    """The mean loss over ranks and whether any rank was asked to stop, read on the host (waits for the device)."""
+    loss_mean, num_stop = _agreed_on_device(loss, stop, group).tolist()
+    return loss_mean, num_stop > 0
 
 
 def _loss(loss_fn, out: dict, group, max_logit_scale: float, image_BD=None, text_BD=None, logit_scale=None):
@@ -66,69 +70,85 @@ def _loss(loss_fn, out: dict, group, max_logit_scale: float, image_BD=None, text
 
 
 def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_steps: int = 1, stop: bool = False,
-               group=None) -> dict:
+               group=None, skip_on_device: bool = False) -> dict:
     """Forward, loss over the global batch, backward, update; skips the update if the loss is not finite.
 
     With accum_steps > 1 the rank's batch is split into micro-batches: features of all of them are computed
     without grad, then each micro-batch is recomputed with grad and its loss taken against the cached
     features of the others (GradCache), so negatives span the whole accumulated global batch and the summed
     gradients equal those of one big step. The logit scale/bias get their gradient from one micro-step only.
-    """
-    images, texts = batch
-    if accum_steps == 1:
-        out = engine(images, texts)
-        loss = _loss(loss_fn, out, group, max_logit_scale)
-        loss_global, stop_any = _agree(loss, stop, group)
-        if math.isfinite(loss_global):
-            engine.backward(loss)
-            engine.step()
-        return {"loss": loss_global, "updated": math.isfinite(loss_global), "stop": stop_any,
-                "logit_scale": out["logit_scale"].detach().float().reshape(()).clamp(max=max_logit_scale)}
 
+    skip_on_device (train.sync_every > 1): the host never waits for the device; backward always runs and the
+    optimizer turns a non-finite step's update into a no-op on the device; "loss", "stop" and "nonfinite" come
+    back as device tensors, for DeviceCounters to read now and then.
+    """
+    from contrastive.engine import skip_update_if
+
+    images, texts = batch
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     rng_states, cached = [], []
-    with torch.no_grad():
-        for img, txt in chunks:
-            rng_states.append(torch.get_rng_state())
-            out = engine(img, txt)
-            cached.append((out["image_features"], out["text_features"]))
-    after = torch.get_rng_state()
-    loss_global, stop_any = None, stop
+    if accum_steps > 1:
+        with torch.no_grad():
+            for img, txt in chunks:
+                rng_states.append(torch.get_rng_state())
+                out = engine(img, txt)
+                cached.append((out["image_features"], out["text_features"]))
+        after = torch.get_rng_state()
     for j, (img, txt) in enumerate(chunks):
-        torch.set_rng_state(rng_states[j])  # same dropout/patch-dropout draw as the cached forward
+        if cached:
+            torch.set_rng_state(rng_states[j])  # same dropout/patch-dropout draw as the cached forward
         out = engine(img, txt)
-        image_BD = torch.cat([out["image_features"] if i == j else c[0] for i, c in enumerate(cached)])
-        text_BD = torch.cat([out["text_features"] if i == j else c[1] for i, c in enumerate(cached)])
-        scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
-        if j > 0 and out.get("logit_bias") is not None:
-            out = dict(out, logit_bias=out["logit_bias"].detach())
-        loss = _loss(loss_fn, out, group, max_logit_scale, image_BD, text_BD, scale)
-        if j == 0:
+        if cached:
+            image_BD = torch.cat([out["image_features"] if i == j else c[0] for i, c in enumerate(cached)])
+            text_BD = torch.cat([out["text_features"] if i == j else c[1] for i, c in enumerate(cached)])
+            scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
+            if j > 0 and out.get("logit_bias") is not None:
+                out = dict(out, logit_bias=out["logit_bias"].detach())
+            loss = _loss(loss_fn, out, group, max_logit_scale, image_BD, text_BD, scale)
+        else:
+            loss = _loss(loss_fn, out, group, max_logit_scale)
+        if j == 0 and skip_on_device:
+            flags = _agreed_on_device(loss, stop, group)  # the summed loss is non-finite if any rank's is
+            skip_update_if(engine, ~torch.isfinite(flags[0]))
+            result = {"loss": flags[0], "stop": flags[1] > 0, "nonfinite": ~torch.isfinite(flags[0]), "updated": True}
+        elif j == 0:
             loss_global, stop_any = _agree(loss, stop, group)
-            if not math.isfinite(loss_global):
+            result = {"loss": loss_global, "stop": stop_any, "updated": math.isfinite(loss_global)}
+            if not result["updated"]:
                 break
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
-    torch.set_rng_state(after)
-    return {"loss": loss_global, "updated": math.isfinite(loss_global), "stop": stop_any,
-            "logit_scale": out["logit_scale"].detach().float().reshape(()).clamp(max=max_logit_scale)}
+    if cached:
+        torch.set_rng_state(after)
+    return dict(result, logit_scale=out["logit_scale"].detach().float().reshape(()).clamp(max=max_logit_scale))
 
 
-class _StopRequest:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints and exits at the next step boundary."""
+class DeviceCounters:
+    """Non-finite steps counted on the device between host reads (train.sync_every > 1)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self.nonfinite = self.in_a_row = None
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    def add(self, out: dict) -> None:
+        bad = out["nonfinite"].float()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+        self.in_a_row = bad if self.in_a_row is None else (self.in_a_row + 1) * bad
 
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def read(self, out: dict) -> tuple[dict, int, int]:
+        """One host read, of the last step's `out` (added already): `out` with a float loss and a bool stop,
+        the non-finite steps since the last read, and the current run of non-finite steps."""
+        assert self.nonfinite is not None, "add(out) comes before read(out)"
+        values = torch.stack([out["loss"].float(), out["stop"].float(), self.nonfinite, self.in_a_row]).tolist()
+        self.nonfinite = None
+        return dict(out, loss=values[0], stop=values[1] > 0), int(values[2]), int(values[3])
+
+
+def host_reads_at(step: int, cfg: Config) -> bool:
+    """Whether the loop reads the step's results on the host: every train.sync_every steps and wherever it logs,
+    checkpoints or evaluates (step counts from 1)."""
+    t = cfg.train
+    return (t.sync_every == 1 or step % t.sync_every == 0 or step % t.log_every == 0 or step % t.checkpoint_every == 0
+            or step >= t.steps or bool(cfg.eval.every and step % cfg.eval.every == 0))
 
 
 @dataclass
@@ -138,12 +158,18 @@ class TrainResult:
     preempted: bool = False
 
 
-def train(cfg: Config, run_dir: Path, *, progress: bool = True) -> TrainResult:
-    """Train per `cfg` into `run_dir` on the ranks of the environment (1 if none)."""
+def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopRequest | None = None) -> TrainResult:
+    """Train per `cfg` into `run_dir` on the ranks of the environment (1 if none). `stop`: a StopRequest
+    installed earlier (the CLI installs one before the heavy imports); one is installed here otherwise."""
     from tqdm import tqdm
 
     from contrastive.engine import build_engine, device_for, freeze, init_distributed
+    from contrastive.sharding import expand_sources
 
+    # Mistakes in paths fail here, in one line, before any process group or model exists.
+    expand_sources(cfg.data.train)
+    evaluators = build_evaluators(cfg.eval)
+    resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
     world = init_distributed()
     device = device_for(world)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,11 +185,9 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True) -> TrainResult:
                          batch_size_per_rank=cfg.train.batch_size // world.world_size, seed=cfg.train.seed,
                          world=world)
     loss_fn = build_loss(cfg.loss)
-    evaluators = build_evaluators(cfg.eval)
     logger = MetricsLogger(run_dir, enabled=world.is_main)
 
     step, elapsed_before, nonfinite_total = 0, 0.0, 0
-    resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
     if resume_from is not None:
         shared, mine = checkpoint.load_checkpoint(engine, resume_from, rank=world.rank)
         step, elapsed_before, nonfinite_total = shared["step"], shared["time_s"], shared["nonfinite_skips"]
@@ -183,11 +207,12 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True) -> TrainResult:
             config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), model_cfg=bundle.model_cfg,
             preprocess_cfg=bundle.preprocess_cfg, keep=cfg.train.keep_checkpoints)
 
-    stop = _StopRequest()
+    stop = stop or StopRequest()
     record: dict = {}
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=not (progress and world.is_main))
     batches = iter(loader)
     window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "nonfinite_in_a_row": 0}
+    counters = DeviceCounters() if cfg.train.sync_every > 1 else None
     preempted = False
     while step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -197,19 +222,31 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True) -> TrainResult:
         elapsed = elapsed_before + time.perf_counter() - start
         out_of_time = bool(cfg.train.max_time_s) and elapsed >= cfg.train.max_time_s
         out = train_step(engine, batch, loss_fn=loss_fn, max_logit_scale=cfg.model.max_logit_scale,
-                         accum_steps=cfg.train.accum_steps, stop=stop.requested or out_of_time)
-        if not out["updated"]:
+                         accum_steps=cfg.train.accum_steps, stop=stop.requested or out_of_time,
+                         skip_on_device=counters is not None)
+        if counters is not None:  # train.sync_every > 1: the host reads the device's results now and then
+            counters.add(out)
+            if host_reads_at(step + 1, cfg):
+                out, nonfinite, window["nonfinite_in_a_row"] = counters.read(out)
+                nonfinite_total += nonfinite
+            else:
+                out = None
+        elif not out["updated"]:
             nonfinite_total += 1
             window["nonfinite_in_a_row"] += 1
-            if window["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_in_a_row:
-                raise TrainingDiverged(f"training diverged: {window['nonfinite_in_a_row']} non-finite losses in a row "
-                                       f"at step {step + 1}; the last good checkpoint is kept in {run_dir / 'checkpoints'} "
-                                       f"(lower optim.lr or check the data)")
+        else:
+            window["nonfinite_in_a_row"] = 0
+        if window["nonfinite_in_a_row"] >= cfg.train.max_nonfinite_in_a_row:
+            raise TrainingDiverged(f"training diverged: {window['nonfinite_in_a_row']} non-finite losses in a row "
+                                   f"at step {step + 1}; the last good checkpoint is kept in {run_dir / 'checkpoints'} "
+                                   f"(lower optim.lr or check the data)")
+        if out is not None and not out["updated"]:
             continue
-        window["nonfinite_in_a_row"] = 0
         step += 1
         window["steps"] += 1
         bar.update(1)
+        if out is None:  # sync_every > 1 and nothing read on the host at this step
+            continue
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or out["stop"]:
             record = _log_record(step, out, cfg, scheduler, loader, window, world,
                                  time_s=elapsed_before + time.perf_counter() - start, nonfinite=nonfinite_total)
