@@ -144,6 +144,8 @@ class _TiledInfoNCE(torch.autograd.Function):
         # softmax_row_ij = exp(logit_ij - peak_i) / total_i: fold g / total into one factor per row/column.
         weight_img_B, weight_txt_G = g_img_B / total_img_B, g_txt_G / total_txt_G
 
+        if eps:
+            text_sum_D, weighted_text_sum_D = texts.sum(0), (eps / num_global) * (g_txt_G @ texts)
         grad_images_BD = torch.empty_like(images)
         grad_texts_GD = torch.zeros_like(texts)
         grad_scale = torch.zeros((), dtype=dtype, device=images.device)
@@ -164,13 +166,12 @@ class _TiledInfoNCE(torch.autograd.Function):
                 acc_RD.addmm_(dlogits_RC, cols_CD)
                 grad_texts_GD[c0:c1].addmm_(dlogits_RC.T, rows_RD)
             if eps:  # the smoothing terms add -eps / G * (g_img_i + g_txt_j) to every logit's gradient
-                acc_RD.sub_((eps / num_global) * (g_img_B[r0:r1, None] * texts.sum(0) + g_txt_G @ texts))
+                acc_RD.addr_(g_img_B[r0:r1], text_sum_D, alpha=-eps / num_global).sub_(weighted_text_sum_D)
             grad_scale += (acc_RD * images[r0:r1]).sum()
             grad_images_BD[r0:r1] = acc_RD * s
-        if eps:
-            scaled_images_BD = images * s
-            grad_texts_GD.sub_((eps / num_global) * (g_img_B @ scaled_images_BD
-                                                     + g_txt_G[:, None] * scaled_images_BD.sum(0)))
+        if eps:  # in place: no further G x D buffer
+            grad_texts_GD.addr_(g_txt_G, images.sum(0) * s, alpha=-eps / num_global)
+            grad_texts_GD.sub_((eps * s / num_global) * (g_img_B @ images))
         return (grad_images_BD.to(image_BD.dtype), grad_texts_GD.to(text_GD.dtype), grad_scale.to(scale.dtype),
                 None, None, None, None)
 

@@ -2,6 +2,8 @@
 losses, and the same losses split over 2 and 4 gloo ranks."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,3 +315,21 @@ def test_a_siglip_model_starts_at_siglip_scale_and_bias_and_trains_both():
     assert out["logit_bias"].item() == pytest.approx(-10.0)
     siglip(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"]).backward()
     assert model.logit_scale.grad.abs().item() > 0 and model.logit_bias.grad.abs().item() > 0
+
+
+def test_training_with_the_tiled_loss_follows_the_plain_loss(tmp_path, tiny_overrides):
+    """End to end (model, DeepSpeed engine, data, logit-scale clamp): the same seeded run with infonce and
+    infonce_tiled logs the same losses."""
+    from contrastive.train import train
+
+    def losses(run_dir):
+        return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    runs = {}
+    for name in ("infonce", "infonce_tiled"):
+        cfg = load_config(None, [*tiny_overrides, f"loss.name={name}", "loss.tile_size=12", "train.steps=4",
+                                 "train.checkpoint_every=4"])
+        train(cfg, tmp_path / name, progress=False)
+        runs[name] = losses(tmp_path / name)
+    assert len(runs["infonce"]) >= 2
+    assert runs["infonce_tiled"] == pytest.approx(runs["infonce"], rel=1e-4)
