@@ -24,11 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.index import build_tuned_index, gpu_available, knn_recall, to_gpu  # noqa: E402
 
 
-def clustered_vectors(num: int, dim: int, *, num_clusters: int, noise: float, seed: int,
-                      block: int = 100_000) -> np.ndarray:
-    """Unit vectors around `num_clusters` random centres: cos(point, centre) ~ 1/sqrt(1 + noise^2)."""
+def clustered_vectors(num: int, dim: int, *, num_clusters: int, noise: float, seed: int, num_groups: int = 0,
+                      group_spread: float = 0.5, block: int = 100_000) -> np.ndarray:
+    """Unit vectors around `num_clusters` random centres: cos(point, centre) ~ 1/sqrt(1 + noise^2).
+
+    With `num_groups`, the centres themselves gather around group centres (cos between two centres of a group
+    ~ 1/(1 + group_spread^2)), so neighbourhoods cross cluster borders, as in real embedding collections.
+    """
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((num_clusters, dim), dtype=np.float32)
+    if num_groups:
+        groups = rng.standard_normal((num_groups, dim), dtype=np.float32)
+        centres = groups[rng.integers(num_groups, size=num_clusters)] + group_spread * centres
     out = np.empty((num, dim), dtype=np.float32)
     for start in range(0, num, block):
         n = min(block, num - start)
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--num-clusters", type=int, default=0, help="0: one per 1000 vectors")
     parser.add_argument("--noise", type=float, default=1.3, help="per-coordinate noise around the cluster centres")
+    parser.add_argument("--num-groups", type=int, default=0, help="gather the cluster centres into this many groups")
+    parser.add_argument("--group-spread", type=float, default=0.5, help="spread of centres around their group")
     parser.add_argument("--num-queries", type=int, default=1000, help="held-out queries timed and scored")
     parser.add_argument("--index-type", default="auto", help="as `contrastive index --index-type`")
     parser.add_argument("--target-recall", type=float, default=0.95)
@@ -80,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     # Queries come from the same mixture but are not indexed; the index tunes nprobe on its own sample.
     data = clustered_vectors(args.num_vectors + args.num_queries, args.dim, num_clusters=num_clusters,
-                             noise=args.noise, seed=args.seed)
+                             noise=args.noise, seed=args.seed, num_groups=args.num_groups,
+                             group_spread=args.group_spread)
     base_ND, queries_QD = data[:args.num_vectors], data[args.num_vectors:]
     print(f"{args.num_vectors} x {args.dim} clustered vectors ({num_clusters} clusters), {args.num_queries} "
           f"held-out queries, {faiss.omp_get_max_threads()} threads: drawn in {time.perf_counter() - start:.0f} s",
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {params.factory} in {build_s:.0f} s; tuned nprobe {params.nprobe} "
           f"(recall@10 {params.measured_recall:.3f} on the tuning sample)", flush=True)
     results = {"num_vectors": args.num_vectors, "dim": args.dim, "num_clusters": num_clusters, "noise": args.noise,
+               "num_groups": args.num_groups, "group_spread": args.group_spread,
                "num_queries": args.num_queries, "index": params.factory, "nprobe": params.nprobe,
                "build_seconds": round(build_s, 1), "threads": faiss.omp_get_max_threads(),
                "tuning": [{"nprobe": r["nprobe"], "recall@10": round(min(r["recall"].values()), 4)}

@@ -260,9 +260,10 @@ def knn_recall(approx_I_QK: np.ndarray, exact_I_QK: np.ndarray) -> float:
 
 def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: int = 10,
                 target: float = 0.95) -> dict:
-    """Smallest power-of-two nprobe whose recall@k against exact search reaches `target` on every query set,
-    with 95% confidence: the mean over the sample minus 1.96 standard errors must reach it, so that queries the
-    tuning never saw reach it too.
+    """Smallest nprobe whose recall@k against exact search reaches `target` on every query set, with 95%
+    confidence: the mean over the sample minus 1.96 standard errors must reach it, so that queries the tuning
+    never saw reach it too. Doubles nprobe from 1 until it passes, then bisects between the last failing and
+    the first passing value (to within an eighth).
 
     query_sets: {name: (queries_QD, exclude_Q or None)}; a query drawn from the base excludes itself (its own
     id), so recall is measured on true neighbours, not on finding the query. Returns {"nprobe", "recall",
@@ -270,11 +271,9 @@ def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: 
     target, the best one.
     """
     truth = {name: search_excluding_exact(base_ND, q, k, ex) for name, (q, ex) in query_sets.items()}
-    table, best, stalled = [], None, 0
-    nprobe = 1
-    # Stop at the target, at nlist (exhaustive), or when two doublings in a row gain nothing (an IVF-PQ index
-    # plateaus at what its codes can resolve).
-    while nprobe <= nlist and stalled < 2:
+    table = []
+
+    def measure(nprobe: int) -> dict:
         set_nprobe(index, nprobe)
         recalls, lower, seconds, num_queries = {}, {}, 0.0, 0
         for name, (queries, exclude) in query_sets.items():
@@ -286,16 +285,33 @@ def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: 
             recalls[name] = float(per_query.mean())
             lower[name] = recalls[name] - 1.96 * float(per_query.std()) / math.sqrt(len(per_query))
         row = {"nprobe": nprobe, "recall": recalls, "recall_lower": lower, "qps": num_queries / max(seconds, 1e-9)}
+        row["passes"] = min(lower.values()) >= target or min(recalls.values()) >= 1.0
         table.append(row)
-        worst = min(recalls.values())
-        if best is None or worst > min(best["recall"].values()) + 1e-3:
+        return row
+
+    best, passing, failing, stalled, nprobe = None, None, 0, 0, 1
+    # Stop doubling at the target, at nlist (exhaustive), or when two doublings in a row gain nothing (an
+    # IVF-PQ index plateaus at what its codes can resolve).
+    while nprobe <= nlist and stalled < 2:
+        row = measure(nprobe)
+        if best is None or min(row["recall"].values()) > min(best["recall"].values()) + 1e-3:
             best, stalled = row, 0
         else:
             stalled += 1
-        if min(lower.values()) >= target or worst >= 1.0:
-            best = row
+        if row["passes"]:
+            passing = row
             break
+        failing = nprobe
         nprobe *= 2
+    if passing is not None:
+        while passing["nprobe"] - failing > max(1, passing["nprobe"] // 8):
+            row = measure((failing + passing["nprobe"]) // 2)
+            if row["passes"]:
+                passing = row
+            else:
+                failing = row["nprobe"]
+        best = passing
+    table.sort(key=lambda r: r["nprobe"])
     set_nprobe(index, best["nprobe"])
     return {"nprobe": best["nprobe"], "recall": min(best["recall"].values()), "tuning": table}
 
