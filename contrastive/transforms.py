@@ -5,6 +5,7 @@ Letters in names: C channels.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Callable
 
 import torch
@@ -170,8 +171,10 @@ class FastTransform:
         reduction = next((k for k in (8, 4, 2) if k <= room), 1)
         if reduction > 1 and img.format == "JPEG":
             img.draft("RGB", (width // reduction, height // reduction))
-        pixels = np.array(to_rgb(img))
-        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last memory
+        pixels = np.asarray(to_rgb(img))
+        with warnings.catch_warnings():  # read-only pixels: nothing writes to them (resampling makes a new tensor)
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last memory
         sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
         if self.kind == "crop":
             y0, x0 = round(top * sy), round(left * sx)
