@@ -107,11 +107,14 @@ def openclip_step_times(log_text: str) -> list[float]:
 
 
 def steady_step_time(window_times: list[float]) -> float:
-    """Seconds per step from per-window means, leaving out the first windows (worker start, first batch)."""
+    """Seconds per step from per-window means: the median after the first two windows (worker start, first
+    batch), so one window still filling a shuffle buffer does not inflate it."""
+    import statistics
+
     if not window_times:
         raise RuntimeError("the probe logged no step times")
     steady = window_times[2:] or window_times[1:] or window_times
-    return sum(steady) / len(steady)
+    return statistics.median(steady)
 
 
 def our_step_times(metrics_path: Path, batch_size: int) -> list[float]:
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--templates", default=None, help="template file or built-in set (default: evaluator's)")
     parser.add_argument("--classnames", default=None, help="class names file (default: classnames.txt by the shards)")
     parser.add_argument("--eval-max-samples", type=int, default=0, help="score at most this many images (0: all)")
-    parser.add_argument("--probe-steps", type=int, default=20, help="steps of each speed probe")
+    parser.add_argument("--probe-steps", type=int, default=20, help="steps of each speed probe (at least 20)")
     parser.add_argument("--ours-steps", type=int, default=None, help="skip our probe and train this many steps")
     parser.add_argument("--openclip-steps", type=int, default=None, help="skip open_clip's probe, train this many")
     parser.add_argument("--openclip-chunks", type=int, default=3, help="open_clip epochs (a checkpoint after each)")
