@@ -75,9 +75,11 @@ def tar_members(path: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
         archive = tarfile.open(path, mode="r|*")
     except (tarfile.TarError, OSError) as e:
         raise UserError(f"{path} is not a readable tar archive: {e}") from None
+    last = "its start"
     with archive:
         try:
             for member in archive:
+                last = member.name
                 if member.isdir():
                     continue
                 if not is_safe_member(member.name) or member.issym() or member.islnk():
@@ -88,8 +90,8 @@ def tar_members(path: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
                 handle = archive.extractfile(member)
                 yield member.name, handle.read() if handle else b"", None
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise UserError(f"{path} is damaged after {member.name if 'member' in dir() else 'the start'}: {e}; "
-                            f"repair or re-download it") from None
+            raise UserError(f"{path} is damaged after {last}: {e}; repair or re-download it "
+                            f"(finished shards are kept)") from None
 
 
 def list_images(root: Path, *, exclude: Path | None = None) -> list[tuple[str, Path]]:

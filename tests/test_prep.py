@@ -219,3 +219,19 @@ def test_cli_prep_pairs_reports_and_fails_cleanly(tmp_path, capsys):
     assert main(["prep", "pairs", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["prep", "pairs", str(tmp_path / "in"), str(tmp_path / "out3"), "--samples-per-shard", "20000"]) == 2
+
+
+def test_a_damaged_input_archive_stops_with_a_message_and_keeps_finished_shards(tmp_path):
+    archive = tmp_path / "pairs.tar"
+    with tarfile.open(archive, "w") as tf:
+        for i in range(12):
+            for name, data in ((f"{i:03d}.jpg", _encode(_photo(40, 40, i), "JPEG")), (f"{i:03d}.txt", b"caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    data = archive.read_bytes()
+    archive.write_bytes(data[:int(len(data) * 0.7)])
+    with pytest.raises(UserError, match="damaged"):
+        prep_pairs(archive, tmp_path / "out", opts=BuildOptions(ImageOptions(image_size=32), samples_per_shard=3),
+                   num_procs=1, progress=False)
+    assert (tmp_path / "out" / "00000_stats.json").is_file() and (tmp_path / "out" / "00001_stats.json").is_file()
