@@ -168,9 +168,9 @@ def _exit_time_limit() -> int:
     """The exit status of `contrastive train` when it stopped early (train.max_time_s or a signal) after
     checkpointing."""
     try:
-        from contrastive.train import EXIT_PREEMPTED
+        from contrastive.preemption import EXIT_PREEMPTED
     except ImportError:
-        return 0
+        from contrastive.train import EXIT_PREEMPTED
     return EXIT_PREEMPTED
 
 
