@@ -65,6 +65,8 @@ def load_templates(spec: str | Sequence[str] | None, *, dataset: str | None = No
     """Prompt templates, each with a {c} placeholder: a built-in set (cifar, imagenet), a text file (one per line),
     a JSON list, or CLIP_benchmark's JSON ({dataset: [templates]}). Or per-class prompt lists: a JSON
     {class name: [prompt, ...]} (CuPL's format, which CLIP_benchmark also reads), returned as a dict."""
+    if not isinstance(spec, str) and spec is not None and len(spec) == 1 and "{c}" not in spec[0]:
+        spec = spec[0]  # a config's `templates: cifar` arrives as a one-item list: a set name or a file
     if not spec:
         templates = list(DEFAULT_TEMPLATES)
     elif isinstance(spec, str) and spec.lower().endswith(".json"):

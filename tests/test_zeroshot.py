@@ -74,6 +74,7 @@ def test_evaluate_end_to_end_on_a_known_answer(tmp_path):
 
 def test_templates_need_the_placeholder(tmp_path):
     assert len(load_templates("cifar")) == 18
+    assert load_templates(["cifar"]) == load_templates("cifar")  # as a config's `templates: cifar` arrives
     assert len(load_templates("imagenet")) == 80
     bad = tmp_path / "t.txt"
     bad.write_text("a photo of a {}\n")
