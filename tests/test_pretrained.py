@@ -79,6 +79,24 @@ def test_sentence_transformers_directory_pools_as_configured(minilm_dir):
     assert text_cfg["hf_model_name"] == str(minilm_dir.resolve())
 
 
+def test_sentence_transformers_layout_with_a_transformer_subfolder(tmp_path, minilm_dir):
+    """The older layout: modules.json points at 0_Transformer/, and 1_Pooling/ asks for the CLS token."""
+    root = tmp_path / "st"
+    _copy_without_weights_link(minilm_dir, root / "0_Transformer")
+    (root / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                 "pooling_mode_mean_tokens": False}))
+    bundle = build_model(ModelConfig(name="tiny-vit-32", text_pretrained=str(root)))
+    assert bundle.model_cfg["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
+    assert bundle.model_cfg["text_cfg"]["hf_model_name"] == str((root / "0_Transformer").resolve())
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(UserError, match="pools with max_tokens, which we do not support"):
+        build_model(ModelConfig(name="tiny-vit-32", text_pretrained=str(root)))
+
+
 def test_random_init_keeps_the_architecture_and_tokenizer_but_not_the_weights(minilm_dir):
     pre = build_model(ModelConfig(name="tiny-vit-32", text_pretrained=MINILM)).model.text.transformer.state_dict()
     rnd = build_model(ModelConfig(name="tiny-vit-32", text_pretrained=MINILM, text_random_init=True))
@@ -90,7 +108,7 @@ def test_random_init_keeps_the_architecture_and_tokenizer_but_not_the_weights(mi
 
 def _copy_without_weights_link(src: Path, dst: Path) -> Path:
     """A throwaway copy of a model directory (weights symlinked, to save the copy)."""
-    dst.mkdir()
+    dst.mkdir(parents=True)
     for f in src.iterdir():
         if f.is_file() and f.suffix == ".safetensors":
             (dst / f.name).symlink_to(f)
