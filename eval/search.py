@@ -197,13 +197,16 @@ def run_cli(args) -> dict:
             raise UserError(f"--image {args.image} is neither an image file nor the key of an indexed sample")
         else:
             query_image = read_image(args.image)
-    bundle, _ = load_for_inference(model_path)
-    move_to_gpu(bundle)
-    gallery.check_model(bundle.model)
-    if query_image is not None:
-        image_D = encode_image(bundle, query_image)
-    text_TD, plus_PD, minus_MD = (encode_texts(bundle, args.text or []), encode_texts(bundle, args.plus or []),
-                                  encode_texts(bundle, args.minus or []))
+    empty = np.zeros((0, gallery.params.dim), dtype=np.float32)
+    text_TD, plus_PD, minus_MD = empty, empty, empty
+    if query_image is not None or args.text or args.plus or args.minus:  # an indexed key alone needs no model
+        bundle, _ = load_for_inference(model_path)
+        move_to_gpu(bundle)
+        gallery.check_model(bundle.model)
+        if query_image is not None:
+            image_D = encode_image(bundle, query_image)
+        text_TD, plus_PD, minus_MD = (encode_texts(bundle, args.text or []), encode_texts(bundle, args.plus or []),
+                                      encode_texts(bundle, args.minus or []))
     query_D = compose_query(image_D=image_D, text_TD=text_TD, plus_PD=plus_PD, minus_MD=minus_MD,
                             weight=args.weight)
     extra = 10 if image_D is not None else 0  # room to drop the query image and its stored copies

@@ -197,3 +197,19 @@ def test_compose_query():
     assert np.allclose(q, np.array([1, -2, 2, 0]) / 3)
     with pytest.raises(UserError, match="cancel"):
         compose_query(image_D=None, text_TD=empty, plus_PD=e[1:2], minus_MD=e[1:2], weight=1)
+
+
+def test_search_by_an_indexed_key_alone(built, tmp_path, capsys):
+    """The stored embedding is the query: no model is loaded, the key itself never comes back, and the order
+    is that of the stored embeddings' cosine similarities."""
+    from eval.search import Gallery
+
+    gallery = Gallery(built["index"])
+    key = gallery.keys[7]
+    out = tmp_path / "r.json"
+    code, _, err = run(["search", "--index", str(built["index"]), "--image", key, "-k", "4", "--json", str(out),
+                        "--model", str(tmp_path / "never-loaded")], capsys)
+    assert code == 0, err
+    emb = gallery.image_embeddings
+    order = [int(i) for i in np.argsort(-(emb @ emb[7]), kind="stable") if i != 7][:4]
+    assert [r["image_path"] for r in json.loads(out.read_text())["results"]] == [gallery.keys[i] for i in order]
