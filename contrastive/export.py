@@ -244,6 +244,10 @@ def write_onnx(source: Source, bundle, out: Path, *, dtype: torch.dtype) -> dict
 
     if dtype == torch.bfloat16:
         raise UserError("--format onnx takes --dtype fp32 or fp16 (ONNX runtimes rarely run bf16)")
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export writes the graph through it)
+    except ImportError:
+        raise UserError("--format onnx needs the onnx package: pip install onnx (onnxruntime too, for the check)") from None
     model = copy.deepcopy(bundle.model).to(dtype).eval()
     images, texts = _probe_inputs(bundle, batch=2)
     specs = ((_ImageEncoder(model), images.to(dtype), ONNX_IMAGE, "pixel_values", "image_embeds"),
