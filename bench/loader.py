@@ -1,0 +1,148 @@
+"""Loader throughput per worker: decode + augment + tokenise from shards, against a decode-only ceiling.
+
+All figures come from one process on one thread (as a DataLoader worker runs), on the same shards, measured
+in alternating rounds so that load from other jobs hits every variant alike; the ratios are what to compare.
+
+    ceiling   read the shards and decode each image to RGB at full size (webdataset's .decode("pil"))
+    loader    our TrainLoader (data.fast_decode=true): read, shuffle, per-sample seeding, decode (JPEGs at
+              the largest DCT reduction that still leaves the random crop >= the output size), the model's
+              open_clip train transform run on uint8 pixels (contrastive/transforms.py), batch assembly,
+              and tokenising each batch with the model's tokenizer; timed after the first batch (the
+              shuffle buffer is full)
+    plain     the same loader with data.fast_decode=false: open_clip's transform exactly as built
+
+The shards are CIFAR-10 photographs from the shared archive, prepared with `prep imagefolder` at
+--image-size (center_crop), once per size under --work.
+
+    python bench/loader.py --image-size 256 --model ViT-B-32
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CIFAR = next((p for p in (REPO.parent / "shared" / "data" / "cifar10" / "cifar10-train.tar.gz",
+                          Path("/work/shared/data/cifar10/cifar10-train.tar.gz")) if p.is_file()),
+             REPO.parent / "shared" / "data" / "cifar10" / "cifar10-train.tar.gz")
+
+
+def cifar_subset(work: Path, per_class: int) -> Path:
+    """A tar.gz of the first `per_class` images of each class, streamed out of the shared archive."""
+    out = work / f"cifar-{per_class}.tar.gz"
+    if out.is_file():
+        return out
+    work.mkdir(parents=True, exist_ok=True)
+    taken = Counter()
+    tmp = out.with_suffix(".tmp")
+    with tarfile.open(CIFAR, "r|gz") as src, tarfile.open(tmp, "w:gz") as dst:
+        for member in src:
+            if member.isreg() and taken[member.name.split("/")[2]] < per_class:
+                taken[member.name.split("/")[2]] += 1
+                dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
+    tmp.rename(out)
+    return out
+
+
+def make_shards(work: Path, *, image_size: int, per_class: int) -> str:
+    from data_prep.build import BuildOptions
+    from data_prep.imagefolder import prep_imagefolder
+    from data_prep.images import ImageOptions
+
+    out = work / f"shards-{image_size}-{per_class}"
+    opts = BuildOptions(ImageOptions(image_size=image_size, resize_mode="center_crop", jpeg_quality=90),
+                        samples_per_shard=500)
+    summary = prep_imagefolder(cifar_subset(work, per_class), out, opts=opts, progress=False)
+    return str(out / "train" / f"{{00000..{summary['num_shards'] - 1:05d}}}.tar")
+
+
+def rate_ceiling(spec: str, num_images: int) -> float:
+    from contrastive.data import decode_image, expand_sources, read_shard
+
+    urls = [u for source in expand_sources(spec) for u in source]
+    done, start = 0, time.perf_counter()
+    while done < num_images:
+        for url in urls:
+            for sample in read_shard(url):
+                decode_image(sample["jpg"])
+                done += 1
+                if done == num_images:
+                    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start)
+
+
+def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int) -> float:
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from contrastive.config import DataConfig
+    from contrastive.data import TrainLoader
+    from contrastive.distributed import WorldInfo
+    from contrastive.models import get_open_clip_config
+
+    size = get_open_clip_config(model)["vision_cfg"]["image_size"]
+    preprocess = image_transform_v2(PreprocessCfg(size=size), is_train=True)
+    cfg = DataConfig(train=spec, num_workers=0, shuffle_buffer=1000, fast_decode=fast)
+    loader = TrainLoader(cfg, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
+                         batch_size_per_rank=batch, seed=0, world=WorldInfo())
+    batches = iter(loader)
+    next(batches)  # steady state: the shuffle buffer is full from here on
+    done, start = 0, time.perf_counter()
+    for images, tokens in batches:
+        done += len(images)
+        if done >= num_images:
+            break
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=256, help="side of the images stored in the shards")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model config: its transform and tokenizer")
+    parser.add_argument("--images", type=int, default=2000, help="images per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is reported)")
+    parser.add_argument("--per-class", type=int, default=200, help="CIFAR-10 images per class in the shards")
+    parser.add_argument("--batch", type=int, default=100, help="batch size of the loader")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/contrastive-bench-loader"), help="cache folder")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    spec = make_shards(args.work, image_size=args.image_size, per_class=args.per_class)
+    variants = {
+        "ceiling": lambda: rate_ceiling(spec, args.images),
+        "loader": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch),
+        "plain": lambda: rate_loader(spec, args.images, model=args.model, fast=False, batch=args.batch),
+    }
+    for fn in variants.values():  # warm up imports, caches and the page cache
+        fn()
+    rates = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            rates[name].append(fn())
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    result = {
+        "model": args.model, "shard_image_size": args.image_size, "images_per_measurement": args.images,
+        "images_per_s_per_worker": {k: round(v, 1) for k, v in median.items()},
+        "loader_vs_ceiling": round(median["loader"] / median["ceiling"], 3),
+        "plain_vs_ceiling": round(median["plain"] / median["ceiling"], 3),
+        "loader_vs_plain": round(median["loader"] / median["plain"], 3),
+        "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
