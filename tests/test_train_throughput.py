@@ -77,6 +77,7 @@ def test_openclip_wrapper_lets_ddp_take_the_cpu_device(monkeypatch, tmp_path):
             dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two torchrun launches of 2 ranks each: about a minute
 @pytest.mark.skipif(not openclip_env.is_ready(), reason="bench/.venv-openclip is missing (make openclip-venv)")
 def test_tiny_run_trains_both_sides_on_two_ranks_and_prints_the_ratio(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--tiny", "--out",
