@@ -4,7 +4,9 @@ Letters in names: C channels.
 """
 from __future__ import annotations
 
+import functools
 import io
+import math
 import warnings
 from typing import Callable
 
@@ -100,21 +102,82 @@ class DecodeThen:
         return image if out is None else out.copy_(image)
 
 
+@functools.lru_cache(maxsize=16)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """get_params's float32 log of the ratio bounds (as the doubles its uniform_ call receives)."""
+    return tuple(torch.log(torch.tensor(ratio)).tolist())
+
+
+def random_resized_crop_params(*, height: int, width: int, scale: tuple[float, float],
+                               ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w) exactly as torchvision's RandomResizedCrop.get_params draws them.
+
+    The same values from the same draws of torch's default generator, which is left in the same state, at
+    a tenth of the cost: get_params spends ~35 us of tiny torch ops per try and needs ~5 tries on a square
+    image with open_clip's (0.9, 1.0) scale. Here the ten tries' uniforms are drawn in two vectorised calls
+    from a saved generator state (once with the scale bounds, once with the log-ratio bounds: the same raw
+    numbers, transformed by torch's own kernel, so every value is bit-identical), then the state is rewound
+    and advanced past exactly the draws get_params consumes before its two randint calls, made as it makes them.
+    """
+    generator = torch.default_generator
+    log_ratio = _log_ratio(tuple(ratio))
+    start = generator.get_state()
+    scales = torch.empty(20).uniform_(scale[0], scale[1])[0::2].tolist()
+    generator.set_state(start)
+    aspects = torch.exp(torch.empty(20).uniform_(log_ratio[0], log_ratio[1])[1::2]).tolist()
+    area = height * width
+    for attempt in range(10):
+        target_area = area * scales[attempt]
+        w = int(round(math.sqrt(target_area * aspects[attempt])))
+        h = int(round(math.sqrt(target_area / aspects[attempt])))
+        if 0 < w <= width and 0 < h <= height:
+            generator.set_state(start)
+            torch.empty(2 * attempt + 2).uniform_()  # the tries get_params made, one draw per uniform
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    # Ten failed tries consumed the twenty draws made above: the generator is where get_params leaves it.
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def rgbx_pixels(img) -> torch.Tensor:
+    """(1, 4, H, W) uint8 channels-last view of an RGB PIL image's pixels, the 4th channel padding.
+
+    PIL keeps RGB pixels 4 bytes apart; copying them out as RGBX is a plain copy (RGB would repack every
+    pixel), and torch's uint8 resampling kernels work on 4 channels (3 would be widened to 4 and back)."""
+    import numpy as np
+
+    width, height = img.size
+    pixels_HWC = np.frombuffer(img.tobytes("raw", "RGBX"), dtype=np.uint8).reshape(height, width, 4)
+    with warnings.catch_warnings():  # read-only pixels: nothing writes to them (resampling makes a new tensor)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(pixels_HWC).permute(2, 0, 1).unsqueeze(0)
+
+
 class FastTransform:
     """open_clip's RandomResizedCrop or Resize (+ CenterCrop), then ToTensor + Normalize, run on uint8 pixels.
 
-    The geometry and the random draws are torchvision's own (get_params on the stored image's size, from the
-    same torch generator), so a seed gives the same crop. The resampling runs in torch's channels-last uint8
-    antialiased kernels, which follow PIL's to within a grey level at a fraction of the cost, and a JPEG is
-    decoded at the largest DCT reduction (1/2, 1/4, 1/8) that still leaves the crop at least as many pixels
-    as the output: never an upsampled draft.
+    The geometry and the random draws are torchvision's own (random_resized_crop_params reproduces get_params
+    on the stored image's size, from the same torch generator), so a seed gives the same crop. The resampling
+    runs in torch's channels-last uint8 antialiased kernels, which follow PIL's to within a grey level at a
+    fraction of the cost, and a JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that still
+    leaves the crop at least as many pixels as the output: never an upsampled draft.
     """
 
     def __init__(self, *, kind: str, size_hw: tuple[int, int], mode: str, normalize: ToNormalizedTensor,
                  scale=(1.0, 1.0), ratio=(1.0, 1.0), resize: int | tuple[int, int] | None = None,
                  crop_hw: tuple[int, int] | None = None):
         self.kind, self.size_hw, self.mode, self.normalize = kind, size_hw, mode, normalize
-        self.scale, self.ratio, self.resize, self.crop_hw = scale, ratio, resize, crop_hw
+        self.scale, self.ratio, self.resize, self.crop_hw = tuple(scale), tuple(ratio), resize, crop_hw
 
     @classmethod
     def from_compose(cls, preprocess: Callable) -> "FastTransform | None":
@@ -155,15 +218,14 @@ class FastTransform:
         return int(self.resize * height / width), self.resize
 
     def __call__(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
-        import numpy as np
         import torch.nn.functional as F
         from PIL import Image
-        from torchvision import transforms as T
 
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         if self.kind == "crop":
-            top, left, crop_h, crop_w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+            top, left, crop_h, crop_w = random_resized_crop_params(height=height, width=width, scale=self.scale,
+                                                                   ratio=self.ratio)
             room = min(crop_h / self.size_hw[0], crop_w / self.size_hw[1])
         else:
             resized_hw = self._resized_hw(height, width)
@@ -171,15 +233,14 @@ class FastTransform:
         reduction = next((k for k in (8, 4, 2) if k <= room), 1)
         if reduction > 1 and img.format == "JPEG":
             img.draft("RGB", (width // reduction, height // reduction))
-        pixels = np.asarray(to_rgb(img))
-        with warnings.catch_warnings():  # read-only pixels: nothing writes to them (resampling makes a new tensor)
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # (1, C, H, W), channels-last memory
-        sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
+        x = rgbx_pixels(to_rgb(img))  # (1, 4, H, W), channels-last memory
         if self.kind == "crop":
+            sy, sx = x.shape[2] / height, x.shape[3] / width
             y0, x0 = round(top * sy), round(left * sx)
             y1, x1 = max(y0 + 1, round((top + crop_h) * sy)), max(x0 + 1, round((left + crop_w) * sx))
-            x = F.interpolate(x[..., y0:y1, x0:x1], size=self.size_hw, mode=self.mode, antialias=True)
+            # A crop view's rows are not adjacent, which would send the resampling down a slower path.
+            x = x[..., y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
+            x = F.interpolate(x, size=self.size_hw, mode=self.mode, antialias=True)
         else:
             x = F.interpolate(x, size=resized_hw, mode=self.mode, antialias=True)
             if self.crop_hw is not None:
@@ -187,7 +248,7 @@ class FastTransform:
                 top = int(round((resized_hw[0] - crop_h) / 2.0))
                 left = int(round((resized_hw[1] - crop_w) / 2.0))
                 x = x[..., top:top + crop_h, left:left + crop_w]
-        return self.normalize.normalize_into(x[0], out)
+        return self.normalize.normalize_into(x[0, :3], out)
 
 
 def fast_preprocess(preprocess: Callable) -> Callable:
