@@ -10,6 +10,9 @@ in alternating rounds so that load from other jobs hits every variant alike; the
               and tokenising each batch with the model's tokenizer; timed after the first batch (the
               shuffle buffer is full)
     plain     the same loader with data.fast_decode=false: open_clip's transform exactly as built
+    uint8     `loader` stopping before Normalize (FastTransform.as_uint8): uint8 batches, a quarter of the
+              bytes to write, for a train step that normalises on the GPU (normalize_batch); not wired
+              into train.py yet, measured to show what it would bring
 
 The shards are CIFAR-10 photographs from the shared archive, prepared with `prep imagefolder` at
 --image-size (center_crop), once per size under --work.
@@ -79,7 +82,7 @@ def rate_ceiling(spec: str, num_images: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int) -> float:
+def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int, uint8: bool = False) -> float:
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -93,6 +96,8 @@ def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: in
     cfg = DataConfig(train=spec, num_workers=0, shuffle_buffer=1000, fast_decode=fast)
     loader = TrainLoader(cfg, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
                          batch_size_per_rank=batch, seed=0, world=WorldInfo())
+    if uint8:
+        loader.transform = loader.transform.as_uint8()
     batches = iter(loader)
     next(batches)  # steady state: the shuffle buffer is full from here on
     done, start = 0, time.perf_counter()
@@ -123,6 +128,7 @@ def main() -> None:
         "ceiling": lambda: rate_ceiling(spec, args.images),
         "loader": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch),
         "plain": lambda: rate_loader(spec, args.images, model=args.model, fast=False, batch=args.batch),
+        "uint8": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch, uint8=True),
     }
     for fn in variants.values():  # warm up imports, caches and the page cache
         fn()
@@ -137,6 +143,7 @@ def main() -> None:
         "loader_vs_ceiling": round(median["loader"] / median["ceiling"], 3),
         "plain_vs_ceiling": round(median["plain"] / median["ceiling"], 3),
         "loader_vs_plain": round(median["loader"] / median["plain"], 3),
+        "uint8_vs_ceiling": round(median["uint8"] / median["ceiling"], 3),
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
     }
     print(json.dumps(result, indent=2))

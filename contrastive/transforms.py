@@ -66,6 +66,11 @@ class ToNormalizedTensor:
         out = torch.empty(pixels_CHW.shape, dtype=torch.float32) if out is None else out
         return out.copy_(pixels_CHW).sub_(self.mean_C11).mul_(self.inv_std_C11)
 
+    def normalize_batch(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) batch, on any device -> the float32 batch normalize_into gives, bit for bit."""
+        mean, inv_std = self.mean_C11.to(pixels_BCHW.device), self.inv_std_C11.to(pixels_BCHW.device)
+        return pixels_BCHW.to(torch.float32).sub_(mean).mul_(inv_std)
+
     def __call__(self, pic) -> torch.Tensor:
         import numpy as np
 
@@ -175,9 +180,17 @@ class FastTransform:
 
     def __init__(self, *, kind: str, size_hw: tuple[int, int], mode: str, normalize: ToNormalizedTensor,
                  scale=(1.0, 1.0), ratio=(1.0, 1.0), resize: int | tuple[int, int] | None = None,
-                 crop_hw: tuple[int, int] | None = None):
+                 crop_hw: tuple[int, int] | None = None, uint8: bool = False):
         self.kind, self.size_hw, self.mode, self.normalize = kind, size_hw, mode, normalize
         self.scale, self.ratio, self.resize, self.crop_hw = tuple(scale), tuple(ratio), resize, crop_hw
+        self.uint8 = uint8
+
+    def as_uint8(self) -> "FastTransform":
+        """The same transform stopping before Normalize: uint8 (C, H, W) pixels, a quarter of the bytes to
+        write and ship; `self.normalize.normalize_batch` then gives the float batch (e.g. on the GPU)."""
+        return FastTransform(kind=self.kind, size_hw=self.size_hw, mode=self.mode, normalize=self.normalize,
+                             scale=self.scale, ratio=self.ratio, resize=self.resize, crop_hw=self.crop_hw,
+                             uint8=True)
 
     @classmethod
     def from_compose(cls, preprocess: Callable) -> "FastTransform | None":
@@ -248,6 +261,8 @@ class FastTransform:
                 top = int(round((resized_hw[0] - crop_h) / 2.0))
                 left = int(round((resized_hw[1] - crop_w) / 2.0))
                 x = x[..., top:top + crop_h, left:left + crop_w]
+        if self.uint8:
+            return x[0, :3].contiguous() if out is None else out.copy_(x[0, :3])
         return self.normalize.normalize_into(x[0, :3], out)
 
 

@@ -64,3 +64,26 @@ def test_four_channel_resampling_equals_three_channel():
         got = F.interpolate(x4, size=(32, 32), mode=mode, antialias=True)[:, :3]
         want = F.interpolate(x3, size=(32, 32), mode=mode, antialias=True)
         assert torch.equal(got, want)
+
+
+def test_uint8_output_then_normalize_batch_is_the_float_output_bit_for_bit():
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from contrastive.transforms import fast_preprocess
+
+    rng = np.random.default_rng(2)
+    datas = []
+    for side in (70, 90):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size=(side, side + 7, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        datas.append(buf.getvalue())
+    for is_train in (True, False):
+        fast = fast_preprocess(image_transform_v2(PreprocessCfg(size=64), is_train=is_train))
+        pixels = fast.as_uint8()
+        want, got = [], torch.empty(len(datas), 3, 64, 64, dtype=torch.uint8)
+        for k, data in enumerate(datas):
+            torch.manual_seed(k)
+            want.append(fast(data))
+            torch.manual_seed(k)
+            pixels(data, out=got[k])
+        assert torch.equal(fast.normalize.normalize_batch(got), torch.stack(want))
