@@ -108,6 +108,74 @@ def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: in
     return done / (time.perf_counter() - start)
 
 
+def stage_costs(spec: str, num_images: int, *, model: str, batch: int) -> dict[str, float]:
+    """Microseconds per image of each step of our transform, timed one after the other on the same images
+    (CPU time of this process, so other jobs' load counts less), plus tokenising and writing into a fresh
+    batch: what the loader adds to the ceiling's decode."""
+    import numpy as np
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from contrastive.data import expand_sources, read_shard
+    from contrastive.models import get_open_clip_config
+    from contrastive.transforms import fast_preprocess, random_resized_crop_params, rgbx_pixels
+
+    size = get_open_clip_config(model)["vision_cfg"]["image_size"]
+    fast = fast_preprocess(image_transform_v2(PreprocessCfg(size=size), is_train=True))
+    samples = []
+    for url in (u for source in expand_sources(spec) for u in source):
+        samples += [(s["jpg"], s.get("txt", b"a photo").decode()) for s in read_shard(url)]
+        if len(samples) >= num_images:
+            break
+    samples = samples[:num_images]
+    tokenizer = open_clip.get_tokenizer(model)
+    totals: dict[str, float] = {}
+
+    def lap(name: str, start: float) -> float:
+        now = time.process_time()
+        totals[name] = totals.get(name, 0.0) + now - start
+        return now
+
+    reused = torch.empty(batch, 3, *fast.size_hw)
+    for k, (data, _) in enumerate(samples):
+        torch.default_generator.manual_seed(k)  # as the loader seeds each sample
+        t = time.process_time()
+        img = Image.open(io.BytesIO(data))
+        t = lap("open", t)
+        top, left, h, w = random_resized_crop_params(height=img.size[1], width=img.size[0], scale=fast.scale,
+                                                     ratio=fast.ratio)
+        t = lap("crop_params", t)
+        img.load()
+        t = lap("decode", t)
+        x = rgbx_pixels(img)
+        t = lap("pixel_copy", t)
+        x = x[..., top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
+        t = lap("crop_copy", t)
+        x = F.interpolate(x, size=fast.size_hw, mode=fast.mode, antialias=True)
+        t = lap("resample", t)
+        fast.normalize.normalize_into(x[0, :3], reused[k % batch])
+        lap("normalize", t)
+    t = time.process_time()
+    for k in range(0, len(samples), batch):
+        tokenizer([caption for _, caption in samples[k:k + batch]])
+    t = lap("tokenize", t)
+    for k in range(0, len(samples), batch):
+        fresh = torch.empty(batch, 3, *fast.size_hw)
+        for row in fresh[:len(samples) - k]:
+            row.copy_(reused[0])
+        del fresh
+    fresh_cost = time.process_time() - t
+    t = time.process_time()
+    for k in range(0, len(samples), batch):
+        for row in reused[:len(samples) - k]:
+            row.copy_(reused[0])
+    totals["fresh_batch_pages"] = fresh_cost - (time.process_time() - t)
+    return {name: round(total / len(samples) * 1e6, 1) for name, total in totals.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=256, help="side of the images stored in the shards")
@@ -146,6 +214,7 @@ def main() -> None:
         "uint8_vs_ceiling": round(median["uint8"] / median["ceiling"], 3),
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
     }
+    result["us_per_image_by_step"] = stage_costs(spec, min(args.images, 1000), model=args.model, batch=args.batch)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
