@@ -57,7 +57,8 @@ def test_openclip_wrapper_lets_ddp_take_the_cpu_device(monkeypatch, tmp_path):
 
     import openclip_train
 
-    original = torch.nn.parallel.DistributedDataParallel
+    original = torch.nn.parallel.distributed.DistributedDataParallel  # the genuine class, even after another
+    # test in this process ran the wrapper (which rebinds only torch.nn.parallel.DistributedDataParallel)
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", original)
     model = torch.nn.Linear(3, 2)
     created_group = not dist.is_initialized()
