@@ -23,20 +23,38 @@ def _rank(group) -> int:
     return rank_and_world_size(group)[0]
 
 
+def caption_keys(tokens_BL: torch.Tensor) -> torch.Tensor:
+    """One int64 key per caption: equal token rows give equal keys (a fixed random polynomial hash, wrapping in
+    int64; two different captions of a batch collide with probability ~B^2 / 2^64)."""
+    weights_L = torch.randint(-2**62, 2**62, (tokens_BL.shape[-1],), generator=torch.Generator().manual_seed(0))
+    return (tokens_BL.long().cpu() * weights_L).sum(-1).to(tokens_BL.device)
+
+
 def infonce(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor,
-            logit_bias: torch.Tensor | None = None, *, group=None, label_smoothing: float = 0.0) -> torch.Tensor:
+            logit_bias: torch.Tensor | None = None, *, group=None, label_smoothing: float = 0.0,
+            caption_keys_B: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric CLIP InfoNCE with all-gathered negatives, local-loss form.
 
     Each rank scores its own B images against all G texts (and its B texts against all G images);
     the mean of the per-rank losses equals the single-process loss on the concatenated batch.
     `logit_scale` is exp()'d already (the temperature's inverse), shape () or (1,); `logit_bias` is unused
     (InfoNCE is invariant to it) and accepted so every loss has the same signature.
+
+    With `caption_keys_B` (loss.duplicate_captions=positives), pairs whose captions are identical are positives
+    of each other: each row's target is spread evenly over every column with its caption's key, instead of
+    asking the model to tell apart texts that are the same string (whose logits are equal, a loss floor of
+    log(copies) and gradients that pull each image away from its own caption's duplicates).
     """
     image_GD = all_gather_with_grad(image_BD, group)
     text_GD = all_gather_with_grad(text_BD, group)
     scale = logit_scale.reshape(())
     logits_img_BG = scale * image_BD @ text_GD.T
     logits_txt_BG = scale * text_BD @ image_GD.T
+    if caption_keys_B is not None:
+        positives_BG = (caption_keys_B[:, None] == all_gather_no_grad(caption_keys_B, group)[None, :]).float()
+        targets_BG = positives_BG / positives_BG.sum(1, keepdim=True)
+        return 0.5 * (F.cross_entropy(logits_img_BG, targets_BG, label_smoothing=label_smoothing)
+                      + F.cross_entropy(logits_txt_BG, targets_BG, label_smoothing=label_smoothing))
     offset = _rank(group) * image_BD.shape[0]
     labels_B = torch.arange(offset, offset + image_BD.shape[0], device=image_BD.device)
     return 0.5 * (F.cross_entropy(logits_img_BG, labels_B, label_smoothing=label_smoothing)
@@ -215,6 +233,10 @@ def build_loss(cfg):
     """The loss function selected by `loss.name`, with its own options bound."""
     from functools import partial
 
+    if cfg.name == "infonce" and cfg.duplicate_captions == "positives":
+        loss_fn = partial(infonce, label_smoothing=cfg.label_smoothing)
+        loss_fn.wants_caption_keys = True  # train_step passes caption_keys_B
+        return loss_fn
     if cfg.name == "infonce":
         return partial(infonce, label_smoothing=cfg.label_smoothing)
     if cfg.name == "infonce_tiled":

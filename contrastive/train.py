@@ -21,7 +21,7 @@ from contrastive.config import Config, OptimConfig, save_config, to_dict
 from contrastive.data import TrainLoader
 from contrastive.errors import UserError
 from contrastive.evaluators import build_evaluators, run_evaluators
-from contrastive.losses import build_loss
+from contrastive.losses import build_loss, caption_keys
 from contrastive.metrics import MetricsLogger
 from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
 from contrastive.models import build_model
@@ -60,13 +60,15 @@ def _agree(loss: torch.Tensor, stop: bool, group=None) -> tuple[float, bool]:
     return loss_mean, num_stop > 0
 
 
-def _loss(loss_fn, out: dict, group, max_logit_scale: float, image_BD=None, text_BD=None, logit_scale=None):
+def _loss(loss_fn, out: dict, group, max_logit_scale: float, image_BD=None, text_BD=None, logit_scale=None,
+          keys_B=None):
     """The loss in fp32. The logit scale is clamped here (CLIP's cap of 100), not on the parameter after the
     step: under ZeRO the optimizer's fp32 master copy would overwrite a clamp of the module's parameter."""
     scale = (out["logit_scale"] if logit_scale is None else logit_scale).float().clamp(max=max_logit_scale)
     return loss_fn((out["image_features"] if image_BD is None else image_BD).float(),
                    (out["text_features"] if text_BD is None else text_BD).float(), scale,
-                   None if out.get("logit_bias") is None else out["logit_bias"].float(), group=group)
+                   None if out.get("logit_bias") is None else out["logit_bias"].float(), group=group,
+                   **({} if keys_B is None else {"caption_keys_B": keys_B}))
 
 
 def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_steps: int = 1, stop: bool = False,
@@ -85,6 +87,7 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
     from contrastive.engine import skip_update_if
 
     images, texts = batch
+    keys_B = caption_keys(texts) if getattr(loss_fn, "wants_caption_keys", False) else None
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     rng_states, cached = [], []
     if accum_steps > 1:
@@ -104,9 +107,9 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
             scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
             if j > 0 and out.get("logit_bias") is not None:
                 out = dict(out, logit_bias=out["logit_bias"].detach())
-            loss = _loss(loss_fn, out, group, max_logit_scale, image_BD, text_BD, scale)
+            loss = _loss(loss_fn, out, group, max_logit_scale, image_BD, text_BD, scale, keys_B)
         else:
-            loss = _loss(loss_fn, out, group, max_logit_scale)
+            loss = _loss(loss_fn, out, group, max_logit_scale, keys_B=keys_B)
         if j == 0 and skip_on_device:
             flags = _agreed_on_device(loss, stop, group)  # the summed loss is non-finite if any rank's is
             skip_update_if(engine, ~torch.isfinite(flags[0]))

@@ -77,6 +77,44 @@ def test_infonce_matches_the_full_matrix_formula(label_smoothing):
         _assert_close(g, w, name)
 
 
+def _reference_multi_positive(image, text, scale, keys):
+    """Identical captions as positives, written out: each row's loss is the mean over its positives of
+    -log softmax, in both directions."""
+    logits = scale * image @ text.T
+    pos = (keys[:, None] == keys[None, :]).float()
+    loss_img = -((pos * logits.log_softmax(1)).sum(1) / pos.sum(1)).mean()
+    loss_txt = -((pos * logits.T.log_softmax(1)).sum(1) / pos.sum(1)).mean()
+    return 0.5 * (loss_img + loss_txt)
+
+
+def test_identical_captions_as_positives_match_the_written_out_formula():
+    image, text = _features(24, 8, seed=3)
+    keys = torch.tensor([0, 1, 2, 0, 3, 1, 4, 5, 0] + list(range(6, 21)))
+    text = text.clone()
+    for i, k in enumerate(keys.tolist()):  # identical captions embed identically
+        text[i] = text[keys.tolist().index(k)]
+    scale = torch.tensor([12.0])
+    got = _grads(infonce, image, text, scale, caption_keys_B=keys)
+    want = _grads(lambda i, t, s, b: _reference_multi_positive(i, t, s, keys), image, text, scale)
+    for g, w, part in zip(got, want, ("loss", "d image", "d text", "d scale")):
+        _assert_close(g, w, part)
+    # All captions distinct: the same as CLIP's loss.
+    distinct = _grads(infonce, image, text, scale, caption_keys_B=torch.arange(24))
+    for g, w in zip(distinct, _grads(infonce, image, text, scale)):
+        _assert_close(g, w)
+
+
+def test_caption_keys_are_equal_exactly_for_equal_token_rows():
+    from contrastive.losses import caption_keys
+
+    tokens = torch.tensor([[49406, 320, 1929, 49407, 0], [49406, 320, 1929, 49407, 0], [49406, 320, 1930, 49407, 0],
+                           [49406, 320, 49407, 0, 0]])
+    keys = caption_keys(tokens)
+    assert keys.dtype == torch.int64 and keys[0] == keys[1] and len(set(keys[1:].tolist())) == 3
+    many = caption_keys(torch.randint(0, 49408, (5000, 16)))
+    assert len(set(many.tolist())) == 5000
+
+
 @pytest.mark.parametrize("tile_size", [1, 7, 16, 48, 1000])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_tiled_equals_plain_on_one_rank(tile_size, label_smoothing):
@@ -233,7 +271,18 @@ CASES = {  # name -> (loss function, kwargs, uses the bias)
     "infonce_tiled": (infonce_tiled, {"tile_size": 5}, False),
     "infonce_tiled_smooth": (infonce_tiled, {"tile_size": 8, "label_smoothing": 0.1}, False),
     "siglip": (siglip, {}, True),
+    # Identical captions as positives: keys repeat every 5 rows, so duplicates sit on different ranks too.
+    "infonce_positives": (infonce, {"caption_keys_B": None}, False),
+    "infonce_positives_smooth": (infonce, {"caption_keys_B": None, "label_smoothing": 0.1}, False),
 }
+
+
+def _keys(index) -> torch.Tensor:
+    return torch.tensor(index) % 5
+
+
+def _with_keys(kwargs: dict, keys: torch.Tensor) -> dict:
+    return dict(kwargs, caption_keys_B=keys) if "caption_keys_B" in kwargs else kwargs
 
 
 def _rank_body(rank, world_size, image_GD, text_GD, subgroups):
@@ -251,10 +300,11 @@ def _rank_body(rank, world_size, image_GD, text_GD, subgroups):
         rows = slice(pos * NUM_PER_RANK, (pos + 1) * NUM_PER_RANK)
         image = image_GD[[m * NUM_PER_RANK + i for m in members for i in range(NUM_PER_RANK)]][rows]
         text = text_GD[[m * NUM_PER_RANK + i for m in members for i in range(NUM_PER_RANK)]][rows]
+        keys = _keys([m * NUM_PER_RANK + i for m in members for i in range(NUM_PER_RANK)])[rows]
         for name, (loss_fn, kwargs, uses_bias) in CASES.items():
             bias = torch.tensor([BIAS]) if uses_bias else None
             results[(name, tuple(members))] = _grads(loss_fn, image, text, torch.tensor([SCALE]), bias,
-                                                      group=group, **kwargs)
+                                                      group=group, **_with_keys(kwargs, keys))
         # Ranks weighting their losses differently (as a loss scaler or an extra term might): the tiled
         # loss must give each rank exactly the gradients plain autograd through the all-gather gives.
         weight = float(pos + 1)
@@ -270,7 +320,7 @@ def _check_against_one_process(results, image_GD, text_GD, members):
     image, text = image_GD[index], text_GD[index]
     scale, bias = torch.tensor([SCALE]), torch.tensor([BIAS])
     for name, (loss_fn, kwargs, uses_bias) in CASES.items():
-        want = _grads(loss_fn, image, text, scale, bias if uses_bias else None, **kwargs)
+        want = _grads(loss_fn, image, text, scale, bias if uses_bias else None, **_with_keys(kwargs, _keys(index)))
         per_rank = [results[m][(name, tuple(members))] for m in members]
         what = f"{name} on ranks {members}"
         _assert_close(torch.stack([r[0] for r in per_rank]).mean(), want[0], f"{what}: mean loss")
