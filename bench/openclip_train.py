@@ -51,6 +51,9 @@ def run(argv: list[str]):
     if argv[:1] == ["--"]:
         argv = argv[1:]
     open_clip.add_model_config(MODEL_CONFIG_DIR)
+    sys.path.insert(0, str(MODEL_CONFIG_DIR.parent.parent))
+    import contrastive.towers  # noqa: F401  (our timm trunks, convnet_*, which some of configs/models name)
+
     allow_ddp_on_cpu()
     return main(argv)
 

@@ -133,6 +133,8 @@ def _instantiate(arch: dict) -> nn.Module:
         # Weights never come from a hub: load_hf_weights fills them in from the local directory.
         arch["text_cfg"]["hf_model_pretrained"] = False
     if "timm_model_name" in arch.get("vision_cfg", {}):
+        import contrastive.towers  # noqa: F401  (registers our small trunks with timm)
+
         arch["vision_cfg"].setdefault("timm_model_pretrained", False)
     if "multimodal_cfg" in arch:
         raise UserError("CoCa models (multimodal_cfg) are not supported for contrastive training")
