@@ -45,6 +45,8 @@ def test_differences_are_reported():
     assert bench.differences_from_open_clip(_cfg()) == []
     notes = bench.differences_from_open_clip(_cfg("loss.label_smoothing=0.1", "optim.min_lr_ratio=0.1"))
     assert len(notes) == 2 and "label smoothing 0.1" in notes[0]
+    (note,) = bench.differences_from_open_clip(_cfg("loss.duplicate_captions=positives"))
+    assert "duplicate_captions='positives'" in note
 
 
 def test_planning():
@@ -72,6 +74,8 @@ def test_wrapper_trains_our_model_config_and_its_checkpoint_scores_like_open_cli
     argv = [a for a in argv if a != "--dataset-resampled"]
     argv[argv.index("--train-data"):argv.index("--train-data") + 2] = []
     monkeypatch.chdir(tmp_path)
+    # The wrapper rebinds torch.nn.parallel.DistributedDataParallel for its process; undo that after this test.
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", torch.nn.parallel.DistributedDataParallel)
     root = logging.getLogger()
     handlers = list(root.handlers)
     levels = {name: logging.getLogger(name).level for name in [None, *logging.root.manager.loggerDict]}
