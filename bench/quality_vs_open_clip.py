@@ -82,8 +82,8 @@ def differences_from_open_clip(cfg) -> list[str]:
     notes = []
     if cfg.loss.name != "infonce" or cfg.loss.label_smoothing:
         notes.append(f"loss {cfg.loss.name} (label smoothing {cfg.loss.label_smoothing}) vs open_clip's plain ClipLoss")
-    if cfg.loss.duplicate_captions != "negatives":  # open_clip's ClipLoss treats equal captions as negatives
-        notes.append(f"loss.duplicate_captions={cfg.loss.duplicate_captions!r} has no open_clip_train equivalent")
+    if cfg.loss.positives != "pair":  # open_clip's ClipLoss: only an image's own caption is a positive
+        notes.append(f"loss.positives={cfg.loss.positives!r} has no open_clip_train equivalent")
     if cfg.optim.min_lr_ratio:
         notes.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} (open_clip's cosine decays to 0)")
     if cfg.model.init_logit_bias is not None:

@@ -153,17 +153,19 @@ class LossConfig:
     label_smoothing: float = 0.0
     # infonce_tiled: rows and columns of one tile of logits; memory per tile is tile_size**2 floats.
     tile_size: int = 2048
-    # What identical captions in a global batch are to each other (captions drawn from a few templates repeat):
-    # "negatives" (CLIP as published: every other pair is a negative, even the same string) or "positives"
-    # (infonce only: a row's target is spread evenly over all columns with an identical caption).
-    duplicate_captions: str = "negatives"
+    # Which pairs of a global batch count as positives of each other (infonce only for caption and class):
+    # "pair" (CLIP as published: only an image and its own caption; every other column is a negative, even the
+    # same string), "caption" (also every column whose caption is identical: captions drawn from a few templates
+    # repeat), or "class" (also every column of the same class: samples with a .cls label in shards that have a
+    # classnames.txt, as `contrastive prep imagefolder` writes them; other samples fall back to "caption").
+    positives: str = "pair"
 
     def __post_init__(self):
         valid = ("infonce", "infonce_tiled", "siglip")
-        if self.duplicate_captions not in ("negatives", "positives"):
-            raise ConfigError(f"loss.duplicate_captions must be negatives or positives; got {self.duplicate_captions!r}")
-        if self.duplicate_captions == "positives" and self.name != "infonce":
-            raise ConfigError(f"loss.duplicate_captions=positives works with loss.name=infonce, not {self.name}")
+        if self.positives not in ("pair", "caption", "class"):
+            raise ConfigError(f"loss.positives must be pair, caption or class; got {self.positives!r}")
+        if self.positives != "pair" and self.name != "infonce":
+            raise ConfigError(f"loss.positives={self.positives} works with loss.name=infonce, not {self.name}")
         if self.name not in valid:
             raise ConfigError(f"loss.name must be one of {', '.join(valid)}; got {self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -141,6 +141,15 @@ class _SlotStream(IterableDataset):
             raise _Skipped("bad_caption")
         return caption
 
+    def _class_id(self, sample: dict) -> int:
+        """The sample's class as one id across class sets (set << 32 | label), or -1 if it has none."""
+        class_set = self.spec.class_set_of_shard[sample["__shard__"]]
+        try:
+            label = int(sample["cls"]) if class_set >= 0 and "cls" in sample else -1
+        except (ValueError, TypeError):
+            label = -1
+        return class_set << 32 | label if 0 <= label < 2**32 else -1
+
     def _process(self, sample: dict, seed: int, out: torch.Tensor | None) -> tuple[torch.Tensor, str]:
         """Caption, decode and augment one sample (the image written into `out` if given); raises _Skipped."""
         if "__bad__" in sample:
@@ -173,7 +182,7 @@ class _SlotStream(IterableDataset):
         worker = (worker_id + spec.worker_offset) % num_workers
         state = spec.slots[worker]
         skipped = dict(state.skipped)
-        images_BCHW, captions, keys = None, [], []
+        images_BCHW, captions, keys, classes = None, [], [], []
         # Without DataLoader workers this runs in the training process: per-sample seeding must not move the
         # training's own random streams, so they are saved when a batch starts and restored before it is yielded.
         saved = None
@@ -193,10 +202,12 @@ class _SlotStream(IterableDataset):
                     images_BCHW[0].copy_(image)
                 captions.append(caption)
                 keys.append(f"{sample.get('__url__')}#{sample.get('__key__')}")
+                classes.append(self._class_id(sample))
                 if len(captions) == spec.batch_size:
-                    meta = {"worker": worker, "position": after, "skipped": dict(skipped), "keys": keys}
+                    meta = {"worker": worker, "position": after, "skipped": dict(skipped), "keys": keys,
+                            "classes": torch.tensor(classes, dtype=torch.int64)}
                     batch = images_BCHW, spec.tokenizer(captions), meta
-                    images_BCHW, captions, keys = None, [], []
+                    images_BCHW, captions, keys, classes = None, [], [], []
                     if saved is not None:
                         torch.set_rng_state(saved[0])
                         random.setstate(saved[1])
@@ -256,6 +267,7 @@ class TrainLoader:
         self.slots = [SlotState() for _ in range(max(1, num_workers))]
         self.num_batches = 0
         self.last_keys: list[str] = []
+        self.last_classes = torch.empty(0, dtype=torch.int64)
 
     def _shard_weights(self, sizes: list[int | None]) -> list[float]:
         """Draw chances per shard. A drawn shard is read whole, so equal chances make every sample equally
@@ -351,6 +363,7 @@ class TrainLoader:
             self.slots[meta["worker"]] = SlotState(epoch, block, offset, meta["skipped"])
             self.num_batches += 1
             self.last_keys = meta["keys"]
+            self.last_classes = meta["classes"]  # class ids (loss.positives=class), -1 where a sample has none
             yield images, tokens, meta["keys"]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

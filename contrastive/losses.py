@@ -30,9 +30,15 @@ def caption_keys(tokens_BL: torch.Tensor) -> torch.Tensor:
     return (tokens_BL.long().cpu() * weights_L).sum(-1).to(tokens_BL.device)
 
 
+def class_keys(tokens_BL: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
+    """Keys for loss.positives=class: a sample's class id where it has one (>= 0), its caption's key elsewhere."""
+    classes_B = classes_B.to(tokens_BL.device)
+    return torch.where(classes_B >= 0, classes_B, caption_keys(tokens_BL))
+
+
 def infonce(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Tensor,
             logit_bias: torch.Tensor | None = None, *, group=None, label_smoothing: float = 0.0,
-            caption_keys_B: torch.Tensor | None = None) -> torch.Tensor:
+            positive_keys_B: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric CLIP InfoNCE with all-gathered negatives, local-loss form.
 
     Each rank scores its own B images against all G texts (and its B texts against all G images);
@@ -40,18 +46,18 @@ def infonce(image_BD: torch.Tensor, text_BD: torch.Tensor, logit_scale: torch.Te
     `logit_scale` is exp()'d already (the temperature's inverse), shape () or (1,); `logit_bias` is unused
     (InfoNCE is invariant to it) and accepted so every loss has the same signature.
 
-    With `caption_keys_B` (loss.duplicate_captions=positives), pairs whose captions are identical are positives
-    of each other: each row's target is spread evenly over every column with its caption's key, instead of
-    asking the model to tell apart texts that are the same string (whose logits are equal, a loss floor of
-    log(copies) and gradients that pull each image away from its own caption's duplicates).
+    With `positive_keys_B` (loss.positives=caption or class), pairs with equal keys are positives of each other:
+    each row's target is spread evenly over every column with its key, instead of asking the model to tell
+    apart texts that are the same string (whose logits are equal, a loss floor of log(copies) and gradients
+    that pull each image away from its own caption's duplicates) or captions of the same class (UniCL).
     """
     image_GD = all_gather_with_grad(image_BD, group)
     text_GD = all_gather_with_grad(text_BD, group)
     scale = logit_scale.reshape(())
     logits_img_BG = scale * image_BD @ text_GD.T
     logits_txt_BG = scale * text_BD @ image_GD.T
-    if caption_keys_B is not None:
-        positives_BG = (caption_keys_B[:, None] == all_gather_no_grad(caption_keys_B, group)[None, :]).float()
+    if positive_keys_B is not None:
+        positives_BG = (positive_keys_B[:, None] == all_gather_no_grad(positive_keys_B, group)[None, :]).float()
         targets_BG = positives_BG / positives_BG.sum(1, keepdim=True)
         return 0.5 * (F.cross_entropy(logits_img_BG, targets_BG, label_smoothing=label_smoothing)
                       + F.cross_entropy(logits_txt_BG, targets_BG, label_smoothing=label_smoothing))
@@ -233,9 +239,9 @@ def build_loss(cfg):
     """The loss function selected by `loss.name`, with its own options bound."""
     from functools import partial
 
-    if cfg.name == "infonce" and cfg.duplicate_captions == "positives":
+    if cfg.name == "infonce" and cfg.positives != "pair":
         loss_fn = partial(infonce, label_smoothing=cfg.label_smoothing)
-        loss_fn.wants_caption_keys = True  # train_step passes caption_keys_B
+        loss_fn.positives = cfg.positives  # the training loop passes positive_keys_B
         return loss_fn
     if cfg.name == "infonce":
         return partial(infonce, label_smoothing=cfg.label_smoothing)

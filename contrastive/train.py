@@ -21,7 +21,7 @@ from contrastive.config import Config, OptimConfig, save_config, to_dict
 from contrastive.data import TrainLoader
 from contrastive.errors import UserError
 from contrastive.evaluators import build_evaluators, run_evaluators
-from contrastive.losses import build_loss, caption_keys
+from contrastive.losses import build_loss, caption_keys, class_keys
 from contrastive.metrics import MetricsLogger
 from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
 from contrastive.models import build_model
@@ -68,7 +68,15 @@ def _loss(loss_fn, out: dict, group, max_logit_scale: float, image_BD=None, text
     return loss_fn((out["image_features"] if image_BD is None else image_BD).float(),
                    (out["text_features"] if text_BD is None else text_BD).float(), scale,
                    None if out.get("logit_bias") is None else out["logit_bias"].float(), group=group,
-                   **({} if keys_B is None else {"caption_keys_B": keys_B}))
+                   **({} if keys_B is None else {"positive_keys_B": keys_B}))
+
+
+def positive_keys(loss_fn, texts_BL: torch.Tensor, classes_B: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The loss's positive_keys_B for loss.positives=caption or class (None for pair)."""
+    positives = getattr(loss_fn, "positives", "pair")
+    if positives == "class" and classes_B is not None:
+        return class_keys(texts_BL, classes_B)
+    return caption_keys(texts_BL) if positives != "pair" else None
 
 
 def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_steps: int = 1, stop: bool = False,
@@ -86,8 +94,8 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
     """
     from contrastive.engine import skip_update_if
 
-    images, texts = batch
-    keys_B = caption_keys(texts) if getattr(loss_fn, "wants_caption_keys", False) else None
+    images, texts, *given_keys = batch  # (images, texts[, positive keys]): see positive_keys
+    keys_B = given_keys[0] if given_keys else positive_keys(loss_fn, texts)
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     rng_states, cached = [], []
     if accum_steps > 1:
@@ -220,7 +228,9 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
-        batch = (images.to(device, dtype=dtype, non_blocking=True), texts.to(device, non_blocking=True))
+        texts = texts.to(device, non_blocking=True)
+        batch = (images.to(device, dtype=dtype, non_blocking=True), texts,
+                 positive_keys(loss_fn, texts, loader.last_classes))
         window["data"] += time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - start
         out_of_time = bool(cfg.train.max_time_s) and elapsed >= cfg.train.max_time_s

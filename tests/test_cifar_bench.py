@@ -45,8 +45,8 @@ def test_differences_are_reported():
     assert bench.differences_from_open_clip(_cfg()) == []
     notes = bench.differences_from_open_clip(_cfg("loss.label_smoothing=0.1", "optim.min_lr_ratio=0.1"))
     assert len(notes) == 2 and "label smoothing 0.1" in notes[0]
-    (note,) = bench.differences_from_open_clip(_cfg("loss.duplicate_captions=positives"))
-    assert "duplicate_captions='positives'" in note
+    (note,) = bench.differences_from_open_clip(_cfg("loss.positives=class"))
+    assert "loss.positives='class'" in note
 
 
 def test_planning():

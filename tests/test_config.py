@@ -43,6 +43,7 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
     ("optim.lr=true", "number"),
     ("data.resampled=maybe", "true or false"),
     ("loss.name=focal", "infonce"),
+    ("loss.positives=labels", "pair, caption or class"),
     ("train", "dotted.key=value"),
     ("train=3", "mapping"),
 ])
@@ -84,3 +85,8 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_positives_other_than_pair_need_infonce():
+    with pytest.raises(ConfigError, match="loss.positives=class works with loss.name=infonce, not siglip"):
+        load_config(None, ["loss.name=siglip", "model.init_logit_bias=-10", "loss.positives=class"])

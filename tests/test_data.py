@@ -258,6 +258,14 @@ def test_reads_clip_benchmark_sets_and_captions_them_from_classnames(tmp_path):
         name = ("cat", "dog")[labels[key.split("#")[1]]]
         assert caption in (f"a photo of a {name}.", f"art of the {name}.")
     assert len(set(captions)) == 4
+    # Each sample's class id (for loss.positives=class): class set 0, its .cls label.
+    assert loader.last_classes.tolist() == [labels[key.split("#")[1]] for key in keys]
+
+
+def test_samples_without_a_class_set_have_no_class_id(tmp_path):
+    loader = _loader(_make_set(tmp_path / "plain", [4, 4]), batch=8)
+    _take(loader, 1)
+    assert loader.last_classes.tolist() == [-1] * 8
 
 
 def test_sizes_come_from_img2dataset_stats_without_sizes_json(tmp_path):

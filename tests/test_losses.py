@@ -94,12 +94,12 @@ def test_identical_captions_as_positives_match_the_written_out_formula():
     for i, k in enumerate(keys.tolist()):  # identical captions embed identically
         text[i] = text[keys.tolist().index(k)]
     scale = torch.tensor([12.0])
-    got = _grads(infonce, image, text, scale, caption_keys_B=keys)
+    got = _grads(infonce, image, text, scale, positive_keys_B=keys)
     want = _grads(lambda i, t, s, b: _reference_multi_positive(i, t, s, keys), image, text, scale)
     for g, w, part in zip(got, want, ("loss", "d image", "d text", "d scale")):
         _assert_close(g, w, part)
     # All captions distinct: the same as CLIP's loss.
-    distinct = _grads(infonce, image, text, scale, caption_keys_B=torch.arange(24))
+    distinct = _grads(infonce, image, text, scale, positive_keys_B=torch.arange(24))
     for g, w in zip(distinct, _grads(infonce, image, text, scale)):
         _assert_close(g, w)
 
@@ -113,6 +113,22 @@ def test_caption_keys_are_equal_exactly_for_equal_token_rows():
     assert keys.dtype == torch.int64 and keys[0] == keys[1] and len(set(keys[1:].tolist())) == 3
     many = caption_keys(torch.randint(0, 49408, (5000, 16)))
     assert len(set(many.tolist())) == 5000
+
+
+def test_positive_keys_follow_loss_positives():
+    from contrastive.config import LossConfig
+    from contrastive.losses import build_loss, caption_keys
+    from contrastive.train import positive_keys
+
+    tokens = torch.tensor([[1, 5, 2], [1, 5, 2], [1, 6, 2], [1, 7, 2]])
+    classes = torch.tensor([3, -1, 3, -1])
+    assert positive_keys(build_loss(LossConfig()), tokens, classes) is None
+    by_caption = positive_keys(build_loss(LossConfig(positives="caption")), tokens, classes)
+    torch.testing.assert_close(by_caption, caption_keys(tokens))
+    by_class = positive_keys(build_loss(LossConfig(positives="class")), tokens, classes)
+    # Rows 0 and 2 share class 3 (different captions); row 1 keeps its caption's key, so it is not row 0's twin.
+    assert by_class[0] == by_class[2] == 3 and by_class[1] == caption_keys(tokens)[1] != by_class[0]
+    assert len(set(by_class.tolist())) == 3
 
 
 @pytest.mark.parametrize("tile_size", [1, 7, 16, 48, 1000])
@@ -272,8 +288,8 @@ CASES = {  # name -> (loss function, kwargs, uses the bias)
     "infonce_tiled_smooth": (infonce_tiled, {"tile_size": 8, "label_smoothing": 0.1}, False),
     "siglip": (siglip, {}, True),
     # Identical captions as positives: keys repeat every 5 rows, so duplicates sit on different ranks too.
-    "infonce_positives": (infonce, {"caption_keys_B": None}, False),
-    "infonce_positives_smooth": (infonce, {"caption_keys_B": None, "label_smoothing": 0.1}, False),
+    "infonce_positives": (infonce, {"positive_keys_B": None}, False),
+    "infonce_positives_smooth": (infonce, {"positive_keys_B": None, "label_smoothing": 0.1}, False),
 }
 
 
@@ -282,7 +298,7 @@ def _keys(index) -> torch.Tensor:
 
 
 def _with_keys(kwargs: dict, keys: torch.Tensor) -> dict:
-    return dict(kwargs, caption_keys_B=keys) if "caption_keys_B" in kwargs else kwargs
+    return dict(kwargs, positive_keys_B=keys) if "positive_keys_B" in kwargs else kwargs
 
 
 def _rank_body(rank, world_size, image_GD, text_GD, subgroups):

@@ -82,3 +82,40 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_ove
     assert load_config(run / "config.yaml").train.steps == 6
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert list((run / "tensorboard").iterdir())
+
+
+def test_class_positives_reach_the_loss_from_the_shards(tmp_path, tiny_overrides, monkeypatch):
+    """loss.positives=class: the training loop hands the loss each sample's .cls label as its positive key."""
+    import io
+    import tarfile
+
+    import contrastive.train as train_module
+    from contrastive.losses import infonce
+    from tests.test_data import _jpeg
+
+    (tmp_path / "set" / "train").mkdir(parents=True)
+    (tmp_path / "set" / "classnames.txt").write_text("cat\ndog\nbird\n")
+    with tarfile.open(tmp_path / "set" / "train" / "0.tar", "w") as tf:
+        for i in range(64):
+            for ext, data in (("jpg", _jpeg(i, side=32)), ("cls", str(i % 3).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    seen = []
+
+    def spy(cfg):
+        loss_fn = build_loss(cfg)
+
+        def recording(*args, positive_keys_B=None, **kwargs):
+            seen.append(positive_keys_B)
+            return infonce(*args, positive_keys_B=positive_keys_B, **kwargs)
+        recording.positives = loss_fn.positives
+        return recording
+
+    monkeypatch.setattr(train_module, "build_loss", spy)
+    cfg = load_config(None, [*tiny_overrides, f"data.train={tmp_path / 'set' / 'train' / '0.tar'}",
+                             "loss.positives=class", "train.steps=2", "data.resampled=false"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert len(seen) == 2
+    for keys in seen:  # class set 0: the id is the label itself
+        assert keys.shape == (32,) and set(keys.tolist()) <= {0, 1, 2} and len(set(keys.tolist())) == 3
