@@ -9,6 +9,7 @@ that single process's gradients.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,11 +24,16 @@ def _rank(group) -> int:
     return rank_and_world_size(group)[0]
 
 
+@functools.lru_cache(maxsize=8)
+def _caption_key_weights(length: int) -> torch.Tensor:
+    return torch.randint(-2**62, 2**62, (length,), generator=torch.Generator().manual_seed(0))
+
+
 def caption_keys(tokens_BL: torch.Tensor) -> torch.Tensor:
     """One int64 key per caption: equal token rows give equal keys (a fixed random polynomial hash, wrapping in
-    int64; two different captions of a batch collide with probability ~B^2 / 2^64)."""
-    weights_L = torch.randint(-2**62, 2**62, (tokens_BL.shape[-1],), generator=torch.Generator().manual_seed(0))
-    return (tokens_BL.long().cpu() * weights_L).sum(-1).to(tokens_BL.device)
+    int64; two different captions of a batch collide with probability ~B^2 / 2^64). Computed on the CPU: pass
+    the loader's CPU tokens where possible, so no device-to-host copy is needed."""
+    return (tokens_BL.long().cpu() * _caption_key_weights(tokens_BL.shape[-1])).sum(-1).to(tokens_BL.device)
 
 
 def class_keys(tokens_BL: torch.Tensor, classes_B: torch.Tensor) -> torch.Tensor:
@@ -239,12 +245,10 @@ def build_loss(cfg):
     """The loss function selected by `loss.name`, with its own options bound."""
     from functools import partial
 
-    if cfg.name == "infonce" and cfg.positives != "pair":
-        loss_fn = partial(infonce, label_smoothing=cfg.label_smoothing)
-        loss_fn.positives = cfg.positives  # the training loop passes positive_keys_B
-        return loss_fn
     if cfg.name == "infonce":
-        return partial(infonce, label_smoothing=cfg.label_smoothing)
+        loss_fn = partial(infonce, label_smoothing=cfg.label_smoothing)
+        loss_fn.positives = cfg.positives  # caption or class: the training loop passes positive_keys_B
+        return loss_fn
     if cfg.name == "infonce_tiled":
         return partial(infonce_tiled, label_smoothing=cfg.label_smoothing, tile_size=cfg.tile_size)
     if cfg.name == "siglip":

@@ -228,9 +228,9 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
-        texts = texts.to(device, non_blocking=True)
-        batch = (images.to(device, dtype=dtype, non_blocking=True), texts,
-                 positive_keys(loss_fn, texts, loader.last_classes))
+        keys_B = positive_keys(loss_fn, texts, loader.last_classes)  # from the CPU tokens: no device sync
+        batch = (images.to(device, dtype=dtype, non_blocking=True), texts.to(device, non_blocking=True),
+                 None if keys_B is None else keys_B.to(device, non_blocking=True))
         window["data"] += time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - start
         out_of_time = bool(cfg.train.max_time_s) and elapsed >= cfg.train.max_time_s
