@@ -19,6 +19,15 @@ from typing import Any, Callable
 import torch
 
 
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def fresh_process_env(**extra: str) -> dict:
+    """os.environ without the rendezvous variables an in-process test's process group left behind (its store
+    still listens on MASTER_PORT), so a child process starts its own group; plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}, **extra}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ import pytest
 
 from contrastive.cli import main
 from tests.conftest import REPO
+from tests.dist import fresh_process_env
 
 
 def _run(args, capsys):
@@ -44,7 +45,7 @@ def test_train_then_zeroshot_from_the_command_line(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     exe = [sys.executable, "-m", "contrastive.cli"]
     done = subprocess.run(exe + ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(run)]
-                          + tiny_overrides, capture_output=True, text=True, cwd=tmp_path)
+                          + tiny_overrides, capture_output=True, text=True, cwd=tmp_path, env=fresh_process_env())
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "zs.json"
     val = [o.split("=", 1)[1] for o in tiny_overrides if o.startswith("data.val=")][0]

@@ -16,6 +16,7 @@ import torch
 
 from contrastive.config import load_config
 from tests.conftest import REPO
+from tests.dist import fresh_process_env
 
 
 def _port() -> int:
@@ -31,7 +32,8 @@ def _train_cmd(run: Path, nproc: int, overrides: list[str]) -> list[str]:
 
 
 def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # A 1-rank run (no torchrun to set them) must not reuse an in-process test's MASTER_PORT: its store holds it.
+    return fresh_process_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
 def _launch(run: Path, nproc: int, overrides: list[str]) -> subprocess.Popen:

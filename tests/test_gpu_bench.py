@@ -12,6 +12,7 @@ import torch
 
 from contrastive.config import load_config
 from tests.conftest import REPO
+from tests.dist import fresh_process_env
 
 
 def _engine(overrides):
@@ -152,11 +153,9 @@ def test_compiled_towers_and_amp_bf16_give_the_eager_step():
 def test_tiny_benchmark_measures_both_sides(tmp_path):
     out = tmp_path / "gpu.json"
     # A fresh 1-rank process group: not the one earlier tests of this session started (its port is taken).
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_throughput.py"), "--tiny", "--work", str(tmp_path),
                            "--out", str(out), "--profile"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env=dict(env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+                          env=fresh_process_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"results: {out}" in proc.stdout and "x open_clip" in proc.stdout
     result = json.loads(out.read_text())
