@@ -65,8 +65,8 @@ class SmallConvNet(nn.Module):
         self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # Channels-last activations: oneDNN's convolutions run ~1.25x faster so on a CPU (measured at 48 px; the
-        # weights stay contiguous, as DeepSpeed's broadcast views them as bytes).
+        # Channels-last activations, oneDNN's preferred layout for CPU convolutions (no benchmark in bench/ backs
+        # a figure yet); the weights stay contiguous, as DeepSpeed's broadcast views them as bytes.
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
         if self.grad_checkpointing and self.training:
             from timm.models import checkpoint_seq
