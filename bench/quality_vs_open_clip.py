@@ -48,6 +48,8 @@ def aug_cfg_args(aug: dict) -> list[str]:
     """Our model.aug dict as open_clip_train's `--aug-cfg k=v ...` (values as Python literals)."""
     out = []
     for key, value in aug.items():
+        if key == "hflip":  # ours (open_clip never flips): listed by differences_from_open_clip
+            continue
         value = tuple(value) if isinstance(value, list) else value
         out.append(f"{key}={value!r}".replace(" ", ""))
     return ["--aug-cfg", *out] if out else []
@@ -90,6 +92,8 @@ def differences_from_open_clip(cfg) -> list[str]:
         notes.append("model.init_logit_bias (SigLIP-style bias) is not passed to open_clip_train")
     if cfg.model.max_logit_scale != 100.0:
         notes.append(f"model.max_logit_scale={cfg.model.max_logit_scale} (open_clip clamps at 100)")
+    if cfg.model.aug.get("hflip"):
+        notes.append(f"model.aug.hflip={cfg.model.aug['hflip']} (open_clip_train's transforms never flip)")
     if getattr(cfg.optim, "freeze", None):
         notes.append(f"optim.freeze={cfg.optim.freeze} is not passed to open_clip_train")
     return notes

@@ -105,10 +105,14 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
     if preprocess_cfg:
         pp_dict = merge_preprocess_dict(pp_dict, preprocess_cfg)
     pp = PreprocessCfg(**pp_dict)
+    aug = dict(cfg.aug)
+    hflip = aug.pop("hflip", 0.0)
     try:
-        preprocess_train = image_transform_v2(pp, is_train=True, aug_cfg=dict(cfg.aug) if cfg.aug else None)
+        preprocess_train = image_transform_v2(pp, is_train=True, aug_cfg=aug or None)
     except TypeError as e:
         raise UserError(f"model.aug has an unknown key: {e}") from None
+    if hflip:
+        preprocess_train = with_hflip(preprocess_train, hflip)
     preprocess_val = image_transform_v2(pp, is_train=False)
     if model_cfg is None and not arch["text_cfg"].get("hf_tokenizer_name"):
         tokenizer = open_clip.get_tokenizer(cfg.name, context_length=arch["text_cfg"].get("context_length"))
@@ -146,6 +150,21 @@ def _instantiate(arch: dict) -> nn.Module:
     except (OSError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot build the text tower from {arch['text_cfg']['hf_model_name']}: {first}") from None
+
+
+def with_hflip(preprocess: Callable, p: float) -> Callable:
+    """`preprocess` (a torchvision Compose) with a horizontal flip of probability `p` after its crop, before
+    ToTensor. open_clip never flips (a caption may say left or right); model.aug.hflip turns it on for data
+    whose captions do not, such as class templates."""
+    from torchvision import transforms as T
+
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise UserError(f"model.aug.hflip is a probability between 0 and 1, got {p!r}")
+    steps = list(getattr(preprocess, "transforms", []))
+    at = next((i for i, t in enumerate(steps) if type(t).__name__ in ("ToTensor", "MaybeToTensor")), None)
+    if not isinstance(preprocess, T.Compose) or at is None:
+        raise UserError("model.aug.hflip needs a train transform that ends in ToTensor (+ Normalize)")
+    return T.Compose(steps[:at] + [T.RandomHorizontalFlip(float(p))] + steps[at:])
 
 
 def _tokenizer_for(arch: dict) -> Callable:

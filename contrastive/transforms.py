@@ -169,7 +169,8 @@ def rgbx_pixels(img) -> torch.Tensor:
 
 
 class FastTransform:
-    """open_clip's RandomResizedCrop or Resize (+ CenterCrop), then ToTensor + Normalize, run on uint8 pixels.
+    """open_clip's RandomResizedCrop (+ RandomHorizontalFlip) or Resize (+ CenterCrop), then ToTensor + Normalize,
+    run on uint8 pixels.
 
     The geometry and the random draws are torchvision's own (random_resized_crop_params reproduces get_params
     on the stored image's size, from the same torch generator), so a seed gives the same crop. The resampling
@@ -180,17 +181,17 @@ class FastTransform:
 
     def __init__(self, *, kind: str, size_hw: tuple[int, int], mode: str, normalize: ToNormalizedTensor,
                  scale=(1.0, 1.0), ratio=(1.0, 1.0), resize: int | tuple[int, int] | None = None,
-                 crop_hw: tuple[int, int] | None = None, uint8: bool = False):
+                 crop_hw: tuple[int, int] | None = None, uint8: bool = False, hflip: float = 0.0):
         self.kind, self.size_hw, self.mode, self.normalize = kind, size_hw, mode, normalize
         self.scale, self.ratio, self.resize, self.crop_hw = tuple(scale), tuple(ratio), resize, crop_hw
-        self.uint8 = uint8
+        self.uint8, self.hflip = uint8, hflip
 
     def as_uint8(self) -> "FastTransform":
         """The same transform stopping before Normalize: uint8 (C, H, W) pixels, a quarter of the bytes to
         write and ship; `self.normalize.normalize_batch` then gives the float batch (e.g. on the GPU)."""
         return FastTransform(kind=self.kind, size_hw=self.size_hw, mode=self.mode, normalize=self.normalize,
                              scale=self.scale, ratio=self.ratio, resize=self.resize, crop_hw=self.crop_hw,
-                             uint8=True)
+                             uint8=True, hflip=self.hflip)
 
     @classmethod
     def from_compose(cls, preprocess: Callable) -> "FastTransform | None":
@@ -206,9 +207,10 @@ class FastTransform:
             getattr(first, "interpolation", None))
         if mode is None or getattr(first, "antialias", True) is False:
             return None
-        if len(head) == 1 and isinstance(first, T.RandomResizedCrop):
+        flip = head[1] if len(head) == 2 and isinstance(head[1], T.RandomHorizontalFlip) else None
+        if isinstance(first, T.RandomResizedCrop) and (len(head) == 1 or flip is not None):
             return cls(kind="crop", size_hw=tuple(first.size), mode=mode, normalize=normalize,
-                       scale=tuple(first.scale), ratio=tuple(first.ratio))
+                       scale=tuple(first.scale), ratio=tuple(first.ratio), hflip=flip.p if flip else 0.0)
         if isinstance(first, T.Resize) and first.max_size is None:
             size = first.size if isinstance(first.size, int) else tuple(first.size)
             if isinstance(size, tuple) and len(size) == 1:
@@ -254,6 +256,8 @@ class FastTransform:
             # A crop view's rows are not adjacent, which would send the resampling down a slower path.
             x = x[..., y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
             x = F.interpolate(x, size=self.size_hw, mode=self.mode, antialias=True)
+            if self.hflip and torch.rand(1) < self.hflip:  # RandomHorizontalFlip's draw, after the crop's
+                x = x.flip(-1)
         else:
             x = F.interpolate(x, size=resized_hw, mode=self.mode, antialias=True)
             if self.crop_hw is not None:

@@ -47,6 +47,10 @@ def test_differences_are_reported():
     assert len(notes) == 2 and "label smoothing 0.1" in notes[0]
     (note,) = bench.differences_from_open_clip(_cfg("loss.positives=class"))
     assert "loss.positives='class'" in note
+    cfg = _cfg("model.aug={scale: [0.5, 1.0], hflip: 0.5}")
+    (note,) = bench.differences_from_open_clip(cfg)
+    assert "hflip=0.5" in note
+    assert bench.aug_cfg_args(dict(cfg.model.aug)) == ["--aug-cfg", "scale=(0.5,1.0)"]
 
 
 def test_planning():

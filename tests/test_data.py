@@ -349,6 +349,52 @@ def test_fast_transform_matches_open_clip_transforms(is_train):
         assert torch.allclose(other(data), want, atol=1e-5)
 
 
+def test_fast_transform_flips_as_torchvision_does():
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from contrastive.models import with_hflip
+    from contrastive.transforms import FastTransform
+
+    reference = with_hflip(image_transform_v2(PreprocessCfg(size=64), is_train=True), 0.5)
+    fast = fast_preprocess(reference)
+    assert isinstance(fast, FastTransform) and fast.hflip == 0.5
+    unflipped = FastTransform.from_compose(image_transform_v2(PreprocessCfg(size=64), is_train=True))
+    data = _smooth_jpeg(100, 80, 3)
+    flips = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        want = reference(decode_image(data))
+        after_reference = torch.rand(1)
+        torch.manual_seed(seed)
+        got = fast(data)
+        assert torch.rand(1) == after_reference  # the same draws, crop then flip
+        assert (got - want).abs().mean() < 0.002 and (got - want).abs().max() < 0.035
+        torch.manual_seed(seed)
+        plain = unflipped(data)
+        flipped = not torch.equal(got, plain)
+        if flipped:
+            assert torch.equal(got, plain.flip(-1))
+        flips += flipped
+    assert 0 < flips < 12
+
+
+def test_hflip_is_ours_on_top_of_open_clips_aug(tmp_path):
+    from torchvision import transforms as T
+
+    from contrastive.config import load_config
+    from contrastive.errors import UserError
+    from contrastive.models import build_model
+
+    for aug in ("{hflip: 0.5, scale: [0.6, 1.0]}", "{hflip: 0.5, scale: [0.6, 1.0], use_timm: true}"):
+        steps = build_model(load_config(None, [f"model.aug={aug}"]).model).preprocess_train.transforms
+        names = [type(t).__name__ for t in steps]
+        assert isinstance(steps[names.index("RandomHorizontalFlip")], T.RandomHorizontalFlip)
+        assert names[names.index("RandomHorizontalFlip") + 1] in ("ToTensor", "MaybeToTensor")
+        assert tuple(steps[0].scale) == (0.6, 1.0)
+    with pytest.raises(UserError, match="hflip is a probability"):
+        build_model(load_config(None, ["model.aug={hflip: 2}"]).model)
+
+
 def test_reduced_size_jpeg_decoding_keeps_the_side_and_the_picture():
     big = Image.open(io.BytesIO(_jpeg(4, side=16))).resize((640, 480), Image.BICUBIC)
     buf = io.BytesIO()
@@ -358,3 +404,4 @@ def test_reduced_size_jpeg_decoding_keeps_the_side_and_the_picture():
     assert full.size == (640, 480) and draft.size == (160, 120)  # 1/4 scale keeps the shorter side >= 100
     small = np.asarray(full.resize(draft.size, Image.BOX), dtype=np.float32)
     assert np.abs(small - np.asarray(draft, dtype=np.float32)).mean() < 3.0
+
