@@ -229,6 +229,9 @@ class TrainConfig:
     # and eval steps) instead of every step, so the host never waits for the device in between. With N > 1
     # a non-finite step's update is skipped on the device (fused AdamW's found_inf) and counts as a step.
     sync_every: int = 1
+    # Encode each distinct caption of a batch once (templated captions repeat): the same features and
+    # gradients as encoding every copy. Applies when the text tower has no dropout and accum_steps is 1.
+    dedupe_captions: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "accum_steps",

@@ -219,6 +219,26 @@ class _SlotStream(IterableDataset):
                 random.setstate(saved[1])
 
 
+class CachedTokenizer:
+    """`tokenizer` over a list of captions, each distinct caption tokenised once per batch and remembered
+    (up to `max_entries` of them) for later batches: templated and repeated captions cost nothing after the
+    first time. The rows are the tokenizer's own."""
+
+    def __init__(self, tokenizer: Callable, max_entries: int = 50_000):
+        self.tokenizer, self.max_entries = tokenizer, max_entries
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        distinct = list(dict.fromkeys(captions))
+        new = [c for c in distinct if c not in self.rows]
+        if len(self.rows) + len(new) > self.max_entries:
+            self.rows.clear()  # web captions rarely repeat: start over rather than grow
+            new = distinct
+        if new:
+            self.rows.update(zip(new, self.tokenizer(new)))
+        return torch.stack([self.rows[c] for c in captions])
+
+
 class _Skipped(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -348,7 +368,7 @@ class TrainLoader:
         num_slots = max(1, self.num_workers)
         spec = StreamSpec(plan=self.plan, slots=[SlotState(**s.as_dict()) for s in self.slots],
                           worker_offset=self.num_batches % num_slots, batch_size=self.batch_size,
-                          transform=self.transform, tokenizer=self.tokenizer,
+                          transform=self.transform, tokenizer=CachedTokenizer(self.tokenizer),
                           image_key=self.cfg.image_key, caption_key=self.cfg.caption_key,
                           class_sets=self.class_sets, class_set_of_shard=self.class_set_of_shard)
         kwargs = {}

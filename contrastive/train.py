@@ -79,6 +79,27 @@ def positive_keys(loss_fn, texts_BL: torch.Tensor, classes_B: torch.Tensor | Non
     return caption_keys(texts_BL) if positives != "pair" else None
 
 
+def distinct_captions(texts_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct token rows U, the row of each sample's caption B): templated or repeated captions are then
+    encoded once per batch. Taken from the loader's CPU tokens (torch.unique on a GPU would wait for it)."""
+    return torch.unique(texts_BL, dim=0, return_inverse=True)
+
+
+def text_draws_no_randomness(model: torch.nn.Module) -> bool:
+    """Whether the text side of `model` is deterministic in train mode (no dropout), so that encoding each
+    distinct caption once gives what encoding every copy would: the same features and the same gradients."""
+    visual = getattr(model, "visual", None)
+    image_side = set(visual.modules()) if isinstance(visual, torch.nn.Module) else set()
+    for module in model.modules():
+        if module in image_side:
+            continue
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return False
+        if isinstance(module, torch.nn.MultiheadAttention) and module.dropout > 0:
+            return False
+    return True
+
+
 def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_steps: int = 1, stop: bool = False,
                group=None, skip_on_device: bool = False) -> dict:
     """Forward, loss over the global batch, backward, update; skips the update if the loss is not finite.
@@ -94,21 +115,26 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
     """
     from contrastive.engine import skip_update_if
 
-    images, texts, *given_keys = batch  # (images, texts[, positive keys]): see positive_keys
-    keys_B = given_keys[0] if given_keys else positive_keys(loss_fn, texts)
+    # (images, texts[, positive keys[, text rows]]): see positive_keys; with text rows (distinct_captions),
+    # `texts` holds each distinct caption once and sample i's caption is texts[text_rows_B[i]].
+    images, texts, *extra = batch
+    keys_B = extra[0] if extra and extra[0] is not None else (None if extra else positive_keys(loss_fn, texts))
+    text_rows_B = extra[1] if len(extra) > 1 else None
+    if text_rows_B is not None and accum_steps > 1:  # micro-batches split the samples: give each its captions
+        texts, text_rows_B = texts[text_rows_B], None
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     rng_states, cached = [], []
     if accum_steps > 1:
         with torch.no_grad():
             for img, txt in chunks:
                 rng_states.append(torch.get_rng_state())
-                out = engine(img, txt)
+                out = _forward(engine, img, txt)
                 cached.append((out["image_features"], out["text_features"]))
         after = torch.get_rng_state()
     for j, (img, txt) in enumerate(chunks):
         if cached:
             torch.set_rng_state(rng_states[j])  # same dropout/patch-dropout draw as the cached forward
-        out = engine(img, txt)
+        out = _forward(engine, img, txt, text_rows_B)
         if cached:
             image_BD = torch.cat([out["image_features"] if i == j else c[0] for i, c in enumerate(cached)])
             text_BD = torch.cat([out["text_features"] if i == j else c[1] for i, c in enumerate(cached)])
@@ -132,6 +158,13 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
     if cached:
         torch.set_rng_state(after)
     return dict(result, logit_scale=out["logit_scale"].detach().float().reshape(()).clamp(max=max_logit_scale))
+
+
+def _forward(engine, images, texts, text_rows_B=None) -> dict:
+    out = engine(images, texts)
+    if text_rows_B is None:
+        return out
+    return dict(out, text_features=out["text_features"][text_rows_B])  # backward sums the copies' gradients
 
 
 class DeviceCounters:
@@ -224,13 +257,15 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     batches = iter(loader)
     window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "nonfinite_in_a_row": 0}
     counters = DeviceCounters() if cfg.train.sync_every > 1 else None
+    dedupe = cfg.train.dedupe_captions and cfg.train.accum_steps == 1 and text_draws_no_randomness(engine.module)
     preempted = False
     while step < cfg.train.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
         keys_B = positive_keys(loss_fn, texts, loader.last_classes)  # from the CPU tokens: no device sync
+        texts, text_rows_B = distinct_captions(texts) if dedupe else (texts, None)
         batch = (images.to(device, dtype=dtype, non_blocking=True), texts.to(device, non_blocking=True),
-                 None if keys_B is None else keys_B.to(device, non_blocking=True))
+                 *(t if t is None else t.to(device, non_blocking=True) for t in (keys_B, text_rows_B)))
         window["data"] += time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - start
         out_of_time = bool(cfg.train.max_time_s) and elapsed >= cfg.train.max_time_s

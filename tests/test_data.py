@@ -405,3 +405,20 @@ def test_reduced_size_jpeg_decoding_keeps_the_side_and_the_picture():
     small = np.asarray(full.resize(draft.size, Image.BOX), dtype=np.float32)
     assert np.abs(small - np.asarray(draft, dtype=np.float32)).mean() < 3.0
 
+
+def test_cached_tokenizer_gives_the_tokenizers_rows_and_tokenises_each_caption_once():
+    import open_clip
+
+    from contrastive.data import CachedTokenizer
+
+    tokenizer = open_clip.get_tokenizer("tiny-vit-32")
+    calls = []
+    cached = CachedTokenizer(lambda captions: calls.append(list(captions)) or tokenizer(captions), max_entries=4)
+    batch = ["a photo of a cat.", "a dog", "a photo of a cat.", "a dog", "a bird"]
+    assert torch.equal(cached(batch), tokenizer(batch))
+    assert calls == [["a photo of a cat.", "a dog", "a bird"]]
+    assert torch.equal(cached(["a bird", "a dog"]), tokenizer(["a bird", "a dog"])) and len(calls) == 1
+    # Past max_entries it starts over, and the rows stay right.
+    many = ["one", "two", "three", "a dog"]
+    assert torch.equal(cached(many), tokenizer(many))
+    assert calls[-1] == many and len(cached.rows) == 4

@@ -119,3 +119,41 @@ def test_class_positives_reach_the_loss_from_the_shards(tmp_path, tiny_overrides
     assert len(seen) == 2
     for keys in seen:  # class set 0: the id is the label itself
         assert keys.shape == (32,) and set(keys.tolist()) <= {0, 1, 2} and len(set(keys.tolist())) == 3
+
+
+def test_encoding_each_distinct_caption_once_changes_neither_losses_nor_weights(synthetic_data):
+    from contrastive.train import distinct_captions, text_draws_no_randomness
+
+    cfg, bundle, _ = _engine([])
+    images, texts = _fixed_batch(synthetic_data, bundle)
+    texts = texts[torch.arange(32) % 5]  # 5 distinct captions, as templated data repeats them
+    unique_UL, rows_B = distinct_captions(texts)
+    assert unique_UL.shape[0] == 5 and torch.equal(unique_UL[rows_B], texts)
+    loss_fn = build_loss(load_config(None, ["loss.positives=caption"]).loss)
+    runs = []
+    for batch in [(images, texts), (images, unique_UL, None, rows_B)]:
+        _, _, engine = _engine([])
+        assert text_draws_no_randomness(engine.module)
+        losses = [train_step(engine, batch, loss_fn=loss_fn)["loss"] for _ in range(3)]
+        runs.append((losses, [p.detach().clone() for p in engine.module.parameters()]))
+    (losses_a, params_a), (losses_b, params_b) = runs
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    # Adam divides by the gradient's root mean square, so rounding in the batched matmuls shows up to ~1e-6.
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(params_a, params_b))
+    # Micro-batches (accum_steps > 1) get each sample's caption back.
+    _, _, engine = _engine([])
+    loss = train_step(engine, (images, unique_UL, None, rows_B), loss_fn=loss_fn, accum_steps=2)["loss"]
+    assert loss == pytest.approx(losses_a[0], rel=1e-5)
+
+
+def test_a_text_tower_with_dropout_encodes_every_copy():
+    from contrastive.train import text_draws_no_randomness
+
+    class Dual(torch.nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.visual = torch.nn.Sequential(torch.nn.Dropout(0.5))
+            self.text = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(p))
+
+    assert text_draws_no_randomness(Dual(0.0))  # image-side dropout does not matter
+    assert not text_draws_no_randomness(Dual(0.1))
