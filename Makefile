@@ -47,7 +47,8 @@ cifar10: venv
 	$(BIN)/python -m data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(CIFAR_WORK) --unpack-to $(CIFAR_UNPACK) \
 	  --train-per-class $(CIFAR_TRAIN_PER_CLASS)
 	for part in train val; do \
-	  test $(CIFAR_WORK)/shards/$$part/sizes.json -nt $(CIFAR_WORK)/split/.split && continue; \
+	  test $(CIFAR_WORK)/shards/$$part/sizes.json -nt $(CIFAR_WORK)/split/.split && \
+	    grep -q '"shuffle_seed": 0' $(CIFAR_WORK)/shards/$$part/prep.json && continue; \
 	  rm -rf $(CIFAR_WORK)/shards/$$part; \
 	  $(BIN)/contrastive prep imagefolder $(CIFAR_WORK)/split/$$part $(CIFAR_WORK)/shards --split $$part \
 	    --templates eval/templates/cifar.txt --image-size 32 --resize-mode no --samples-per-shard 1000 --no-dedup \
@@ -85,7 +86,8 @@ cifar10-unseen: venv
 	$(BIN)/python -m data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(UNSEEN_WORK) --unpack-to $(CIFAR_UNPACK) \
 	  --train-per-class $(UNSEEN_TRAIN_PER_CLASS)
 	if ! { test "$$(cat $(UNSEEN_WORK)/shards/unseen.txt 2>/dev/null)" = "$(UNSEEN)" && \
-	       test $(UNSEEN_WORK)/shards/train/sizes.json -nt $(UNSEEN_WORK)/split/.split; }; then \
+	       test $(UNSEEN_WORK)/shards/train/sizes.json -nt $(UNSEEN_WORK)/split/.split && \
+	       grep -q '"shuffle_seed": 0' $(UNSEEN_WORK)/shards/train/prep.json; }; then \
 	  rm -rf $(UNSEEN_WORK)/seen $(UNSEEN_WORK)/shards && mkdir -p $(UNSEEN_WORK)/seen && \
 	  for c in $$(ls $(UNSEEN_WORK)/split/train); do \
 	    case ",$(UNSEEN)," in *",$$c,"*) ;; *) cp -al $(UNSEEN_WORK)/split/train/$$c $(UNSEEN_WORK)/seen/ || exit 1;; esac; \

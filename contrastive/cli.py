@@ -84,7 +84,7 @@ def cmd_prep_imagefolder(args) -> int:
 
     summary = prep_imagefolder(args.root, args.out_dir, opts=_build_options(args), split=args.split,
                                templates_file=args.templates, classnames_file=args.classnames,
-                               num_procs=args.num_procs)
+                               shuffle_seed=args.shuffle_seed, num_procs=args.num_procs)
     _print_prep_summary(summary, args.out_dir / args.split)
     print(f"shards: {args.out_dir / args.split}/{{00000..{summary['num_shards'] - 1:05d}}}.tar "
           f"({summary['classes']} classes in {args.out_dir / 'classnames.txt'})")
@@ -303,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file with one class name per line, in the sorted order of the class folders "
                              "(default: folder names with _ as spaces)")
     folder.add_argument("--split", default="train", help="sub-folder of OUT_DIR for the shards (train, test, ...)")
+    folder.add_argument("--shuffle-seed", type=int, default=0,
+                        help="seed of the order images are written in, so that each shard holds every class "
+                             "(a folder input; a tar is written in its own order)")
+    folder.add_argument("--no-shuffle", dest="shuffle_seed", action="store_const", const=None,
+                        help="write a folder's images in folder order (one class after another)")
     _add_image_options(folder)
     folder.set_defaults(func=cmd_prep_imagefolder)
 

@@ -12,6 +12,7 @@ CLIP_benchmark read it unchanged:
 from __future__ import annotations
 
 import os
+import random
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -110,8 +111,12 @@ def tar_listing(path: Path) -> tuple[tuple[str, ...], list[str]]:
 
 def prep_imagefolder(root: Path, out_dir: Path, *, opts: BuildOptions, split: str = "train",
                      templates_file: Path | None = None, classnames_file: Path | None = None,
-                     num_procs: int | None = None, progress: bool = True) -> dict:
-    """Shard an ImageFolder (a folder, or a tar of one) into OUT_DIR/<split>; returns the summary."""
+                     shuffle_seed: int | None = 0, num_procs: int | None = None, progress: bool = True) -> dict:
+    """Shard an ImageFolder (a folder, or a tar of one) into OUT_DIR/<split>; returns the summary.
+
+    A folder's images are written in an order shuffled with `shuffle_seed` (None: folder order), so that each
+    shard holds every class: written folder by folder, a shard holds one class, and a loader's shuffle buffer
+    smaller than the set then fills batches with a few classes. A tar is streamed in its own order."""
     root, out_dir = Path(root), Path(out_dir)
     if not root.exists():
         raise UserError(f"input {root} does not exist")
@@ -141,7 +146,9 @@ def prep_imagefolder(root: Path, out_dir: Path, *, opts: BuildOptions, split: st
     if root.is_dir():
         items = [item_for(source, folder, path=str(path)) for source, path, folder in files]
         if opts.dedup:
-            mark_duplicates(items, num_procs=num_procs)
+            mark_duplicates(items, num_procs=num_procs)  # keeps the first copy in folder order
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(items)
         num_inputs = len(items)
     else:
         def streamed() -> Iterator[Item]:
@@ -159,7 +166,8 @@ def prep_imagefolder(root: Path, out_dir: Path, *, opts: BuildOptions, split: st
 
     _write_set_files(out_dir, classnames, templates)
     split_dir = out_dir / split
-    record = {"command": "imagefolder", "input": str(root), "options": {**opts.as_dict(), "split": split},
+    record = {"command": "imagefolder", "input": str(root),
+              "options": {**opts.as_dict(), "split": split, "shuffle_seed": shuffle_seed},
               "classnames": classnames, "templates": templates}
     summary = build_shards(items, split_dir, opts=opts, record=record, num_inputs=num_inputs, num_procs=num_procs,
                            progress=progress, desc="prep imagefolder")

@@ -50,15 +50,15 @@ def cifar_subset(tmp_path_factory) -> dict:
 
 
 def _read_split(split_dir: Path) -> list[dict]:
-    samples = []
-    for tar in sorted(split_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar")):
-        with tarfile.open(tar) as tf:
-            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
-        for name in sorted(n for n in members if n.endswith(".jpg")):
-            key = name[:-4]
-            samples.append({"key": key, "jpg": members[name], "txt": members[f"{key}.txt"].decode(),
-                            "cls": int(members[f"{key}.cls"]), "json": json.loads(members[f"{key}.json"])})
-    return samples
+    return [s for tar in sorted(split_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar")) for s in _read_shard(tar)]
+
+
+def _read_shard(tar: Path) -> list[dict]:
+    with tarfile.open(tar) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    return [{"key": n[:-4], "jpg": members[n], "txt": members[f"{n[:-4]}.txt"].decode(),
+             "cls": int(members[f"{n[:-4]}.cls"]), "json": json.loads(members[f"{n[:-4]}.json"])}
+            for n in sorted(n for n in members if n.endswith(".jpg"))]
 
 
 def test_cifar_subset_becomes_a_labelled_captioned_set(cifar_subset, tmp_path):
@@ -84,10 +84,30 @@ def test_cifar_subset_becomes_a_labelled_captioned_set(cifar_subset, tmp_path):
     assert (split / "2.tar").resolve() == (split / "00002.tar").resolve()
     assert json.loads((split / "sizes.json").read_text()) == {"00000.tar": 128, "00001.tar": 128, "00002.tar": 44}
 
-    # A folder gives the same shards as the tar of it.
-    prep_imagefolder(cifar_subset["folder"], tmp_path / "from_folder", opts=opts, num_procs=1, progress=False)
+    # A folder in folder order gives the same shards as the tar of it (a tar is written in its own order).
+    prep_imagefolder(cifar_subset["folder"], tmp_path / "from_folder", opts=opts, shuffle_seed=None, num_procs=1,
+                     progress=False)
     for name in ("00000.tar", "00002.tar"):
         assert (split / name).read_bytes() == (tmp_path / "from_folder" / "train" / name).read_bytes()
+
+
+def test_a_folder_is_written_shuffled_so_that_every_shard_holds_every_class(cifar_subset, tmp_path):
+    opts = BuildOptions(ImageOptions(resize_mode="no"), samples_per_shard=60)
+
+    def shards(out: Path, seed) -> list[list[dict]]:
+        prep_imagefolder(cifar_subset["folder"], out, opts=opts, shuffle_seed=seed, num_procs=1, progress=False)
+        return [_read_shard(t) for t in sorted((out / "train").glob("[0-9][0-9][0-9][0-9][0-9].tar"))]
+
+    in_order, shuffled, again = shards(tmp_path / "a", None), shards(tmp_path / "b", 0), shards(tmp_path / "c", 0)
+    # Folder order: 60 per shard, 30 per class, so each shard holds 2 classes.
+    assert [len({s["cls"] for s in shard}) for shard in in_order] == [2] * 5
+    assert all(len({s["cls"] for s in shard}) >= 8 for shard in shuffled)
+    # The same samples (image, caption, label per source), only in another order, and the same order for a seed.
+    def by_source(shards_):
+        return {s["json"]["url"]: (s["jpg"], s["txt"], s["cls"]) for shard in shards_ for s in shard}
+    assert by_source(shuffled) == by_source(in_order) and len(by_source(shuffled)) == 10 * PER_CLASS
+    assert [[s["json"]["url"] for s in shard] for shard in shuffled] == \
+        [[s["json"]["url"] for s in shard] for shard in again]
 
 
 def test_prepared_set_is_read_by_zeroshot_and_by_the_loader(cifar_subset, tmp_path):
