@@ -163,6 +163,7 @@ def prep_imagefolder(root: Path, out_dir: Path, *, opts: BuildOptions, split: st
                 yield item_for("/".join(parts[len(tar_root):]), folder, data=data)
 
         items, num_inputs = map(StreamDeduper(opts.dedup), streamed()), None
+        shuffle_seed = None  # a tar is streamed in its own order; prep.json says so
 
     _write_set_files(out_dir, classnames, templates)
     split_dir = out_dir / split

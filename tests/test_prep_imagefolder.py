@@ -49,8 +49,12 @@ def cifar_subset(tmp_path_factory) -> dict:
     return {"folder": folder, "tar": root / "subset.tar.gz", "originals": originals}
 
 
+def _read_shards(split_dir: Path) -> list[list[dict]]:
+    return [_read_shard(tar) for tar in sorted(split_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar"))]
+
+
 def _read_split(split_dir: Path) -> list[dict]:
-    return [s for tar in sorted(split_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar")) for s in _read_shard(tar)]
+    return [s for shard in _read_shards(split_dir) for s in shard]
 
 
 def _read_shard(tar: Path) -> list[dict]:
@@ -83,6 +87,7 @@ def test_cifar_subset_becomes_a_labelled_captioned_set(cifar_subset, tmp_path):
     assert (split / "nshards.txt").read_text().strip() == "3"
     assert (split / "2.tar").resolve() == (split / "00002.tar").resolve()
     assert json.loads((split / "sizes.json").read_text()) == {"00000.tar": 128, "00001.tar": 128, "00002.tar": 44}
+    assert json.loads((split / "prep.json").read_text())["options"]["shuffle_seed"] is None  # a tar: its own order
 
     # A folder in folder order gives the same shards as the tar of it (a tar is written in its own order).
     prep_imagefolder(cifar_subset["folder"], tmp_path / "from_folder", opts=opts, shuffle_seed=None, num_procs=1,
@@ -96,7 +101,7 @@ def test_a_folder_is_written_shuffled_so_that_every_shard_holds_every_class(cifa
 
     def shards(out: Path, seed) -> list[list[dict]]:
         prep_imagefolder(cifar_subset["folder"], out, opts=opts, shuffle_seed=seed, num_procs=1, progress=False)
-        return [_read_shard(t) for t in sorted((out / "train").glob("[0-9][0-9][0-9][0-9][0-9].tar"))]
+        return _read_shards(out / "train")
 
     in_order, shuffled, again = shards(tmp_path / "a", None), shards(tmp_path / "b", 0), shards(tmp_path / "c", 0)
     # Folder order: 60 per shard, 30 per class, so each shard holds 2 classes.
