@@ -10,9 +10,9 @@ in alternating rounds so that load from other jobs hits every variant alike; the
               and tokenising each batch with the model's tokenizer; timed after the first batch (the
               shuffle buffer is full)
     plain     the same loader with data.fast_decode=false: open_clip's transform exactly as built
-    uint8     `loader` stopping before Normalize (FastTransform.as_uint8): uint8 batches, a quarter of the
-              bytes to write, for a train step that normalises on the GPU (normalize_batch); not wired
-              into train.py yet, measured to show what it would bring
+    uint8     `loader` with data.uint8_batches=true (the default when training on a GPU): the transform stops
+              before Normalize, uint8 batches, a quarter of the bytes to write; the train step normalises
+              them on its device (TrainLoader.to_float)
 
 The shards are CIFAR-10 photographs from the shared archive, prepared with `prep imagefolder` at
 --image-size (center_crop), once per size under --work.
@@ -93,11 +93,9 @@ def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: in
 
     size = get_open_clip_config(model)["vision_cfg"]["image_size"]
     preprocess = image_transform_v2(PreprocessCfg(size=size), is_train=True)
-    cfg = DataConfig(train=spec, num_workers=0, shuffle_buffer=1000, fast_decode=fast)
+    cfg = DataConfig(train=spec, num_workers=0, shuffle_buffer=1000, fast_decode=fast, uint8_batches=uint8)
     loader = TrainLoader(cfg, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
                          batch_size_per_rank=batch, seed=0, world=WorldInfo())
-    if uint8:
-        loader.transform = loader.transform.as_uint8()
     batches = iter(loader)
     next(batches)  # steady state: the shuffle buffer is full from here on
     done, start = 0, time.perf_counter()

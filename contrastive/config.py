@@ -40,6 +40,11 @@ class DataConfig:
     # level of PIL) and decode JPEGs at reduced size where the crop still covers the output (see
     # contrastive/transforms.py); false runs the transform on PIL images exactly as built.
     fast_decode: bool = True
+    # Batches of uint8 pixels, normalised by the training step on its device (bit for bit the float batch):
+    # a quarter of the bytes for the workers to write and ship, and no normalise pass in them. Needs
+    # fast_decode and an open_clip train transform. None (default): on when training on a GPU, where the
+    # normalise is free; on CPU it would move that pass into the training process.
+    uint8_batches: Optional[bool] = None
 
     def __post_init__(self):
         if self.num_workers < 0:
@@ -54,6 +59,9 @@ class DataConfig:
             raise ConfigError(f"data.block_samples must be >= 0, got {self.block_samples}")
         if self.prefetch_factor < 1:
             raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.uint8_batches and not self.fast_decode:
+            raise ConfigError("data.uint8_batches=true needs data.fast_decode=true (the plain transform "
+                              "normalises in PIL's pipeline)")
 
 
 @dataclass

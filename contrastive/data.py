@@ -257,7 +257,7 @@ class TrainLoader:
     """Iterates (images_BCHW, tokens_BL) batches for one rank and knows how to resume its position."""
 
     def __init__(self, cfg: DataConfig, *, preprocess: Callable, tokenizer: Callable, batch_size_per_rank: int,
-                 seed: int, world: WorldInfo):
+                 seed: int, world: WorldInfo, on_gpu: bool = False):
         self.cfg = cfg
         self.sources = expand_sources(cfg.train)
         if cfg.train_weights and len(cfg.train_weights) != len(self.sources):
@@ -279,6 +279,12 @@ class TrainLoader:
                          block_samples=cfg.block_samples or max(1000, 10 * cfg.shuffle_buffer),
                          shuffle_buffer=cfg.shuffle_buffer)
         self.transform = fast_preprocess(preprocess) if cfg.fast_decode else DecodeThen(preprocess)
+        want_uint8 = on_gpu if cfg.uint8_batches is None else cfg.uint8_batches
+        if want_uint8 and hasattr(self.transform, "as_uint8"):
+            self.transform = self.transform.as_uint8()
+        elif cfg.uint8_batches:
+            raise UserError("data.uint8_batches=true needs the model's plain open_clip transform (this one has "
+                            "PIL steps such as colour jitter): set it to false")
         self.class_sets, self.class_set_of_shard = class_caption_sets(urls)
         self.tokenizer = tokenizer
         self.batch_size = batch_size_per_rank
@@ -313,6 +319,13 @@ class TrainLoader:
             chances += [share / len(own) if self.cfg.train_weights else (1.0 if s else 0.0) for s in own]
         total = sum(chances)
         return [c / total for c in chances]
+
+    def to_float(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """A batch as the model takes it: uint8 batches (data.uint8_batches) normalised where they are (on
+        the training device), bit for bit what the workers would have written; float batches unchanged."""
+        if images_BCHW.dtype != torch.uint8:
+            return images_BCHW
+        return self.transform.normalize.normalize_batch(images_BCHW)
 
     # -- position
 

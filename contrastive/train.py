@@ -227,7 +227,7 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     loader = TrainLoader(cfg.data, preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer,
                          batch_size_per_rank=cfg.train.batch_size // world.world_size, seed=cfg.train.seed,
-                         world=world)
+                         world=world, on_gpu=device.type == "cuda")
     loss_fn = build_loss(cfg.loss)
     logger = MetricsLogger(run_dir, enabled=world.is_main)
 
@@ -264,7 +264,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
         images, texts = next(batches)
         keys_B = positive_keys(loss_fn, texts, loader.last_classes)  # from the CPU tokens: no device sync
         texts, text_rows_B = distinct_captions(texts) if dedupe else (texts, None)
-        batch = (images.to(device, dtype=dtype, non_blocking=True), texts.to(device, non_blocking=True),
+        images = loader.to_float(images.to(device, non_blocking=True)).to(dtype)
+        batch = (images, texts.to(device, non_blocking=True),
                  *(t if t is None else t.to(device, non_blocking=True) for t in (keys_B, text_rows_B)))
         window["data"] += time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - start

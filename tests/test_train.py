@@ -84,6 +84,42 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_ove
     assert list((run / "tensorboard").iterdir())
 
 
+def test_uint8_batches_normalised_in_the_step_train_exactly_as_float_batches(tmp_path, tiny_overrides):
+    """data.uint8_batches: the workers ship uint8 pixels and the step normalises them on its device; the
+    losses are those of float batches bit for bit (2 workers, so the batches cross process boundaries)."""
+    losses = {}
+    for flag in ("false", "true"):
+        cfg = load_config(None, [*tiny_overrides, f"data.uint8_batches={flag}", "data.num_workers=2",
+                                 "train.log_every=1"])
+        run = tmp_path / flag
+        train(cfg, run, progress=False)
+        losses[flag] = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["true"]) == 6 and losses["true"] == losses["false"]
+
+
+def test_uint8_batches_are_refused_where_the_workers_cannot_stop_before_normalize(synthetic_data):
+    from contrastive.config import ConfigError
+    from contrastive.data import TrainLoader
+    from contrastive.distributed import WorldInfo
+    from contrastive.errors import UserError
+
+    with pytest.raises(ConfigError, match="fast_decode"):
+        load_config(None, ["data.uint8_batches=true", "data.fast_decode=false"])
+    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+    from tests.test_data import _jpeg
+
+    jitter = image_transform_v2(PreprocessCfg(size=32), is_train=True,
+                                aug_cfg=AugmentationCfg(use_timm=True, color_jitter=0.4))
+    cfg = load_config(None, [f"data.train={synthetic_data['train']}", "data.uint8_batches=true"]).data
+    with pytest.raises(UserError, match="uint8_batches"):
+        TrainLoader(cfg, preprocess=jitter, tokenizer=None, batch_size_per_rank=4, seed=0, world=WorldInfo())
+    # Left to itself (None) on a GPU, such a loader falls back to float batches.
+    auto = load_config(None, [f"data.train={synthetic_data['train']}"]).data
+    loader = TrainLoader(auto, preprocess=jitter, tokenizer=None, batch_size_per_rank=4, seed=0, world=WorldInfo(),
+                         on_gpu=True)
+    assert loader.transform(_jpeg(0, side=40)).dtype == torch.float32
+
+
 def test_class_positives_reach_the_loss_from_the_shards(tmp_path, tiny_overrides, monkeypatch):
     """loss.positives=class: the training loop hands the loss each sample's .cls label as its positive key."""
     import io
