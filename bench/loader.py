@@ -14,6 +14,10 @@ in alternating rounds so that load from other jobs hits every variant alike; the
               before Normalize, uint8 batches, a quarter of the bytes to write; the train step normalises
               them on its device (TrainLoader.to_float)
 
+    *_worker  (--worker) `loader` and `uint8` produced by one DataLoader worker process, as training runs them:
+              batches in fresh shared memory, handed over a pipe; the clock starts at the first batch, with at
+              most one more already waiting (prefetch_factor=1)
+
 The shards are CIFAR-10 photographs from the shared archive, prepared with `prep imagefolder` at
 --image-size (center_crop), once per size under --work.
 
@@ -82,7 +86,8 @@ def rate_ceiling(spec: str, num_images: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int, uint8: bool = False) -> float:
+def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int, uint8: bool = False,
+                workers: int = 0) -> float:
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -93,7 +98,8 @@ def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: in
 
     size = get_open_clip_config(model)["vision_cfg"]["image_size"]
     preprocess = image_transform_v2(PreprocessCfg(size=size), is_train=True)
-    cfg = DataConfig(train=spec, num_workers=0, shuffle_buffer=1000, fast_decode=fast, uint8_batches=uint8)
+    cfg = DataConfig(train=spec, num_workers=workers, shuffle_buffer=1000, fast_decode=fast, uint8_batches=uint8,
+                     prefetch_factor=1)  # with a worker: at most one batch ready when the clock starts
     loader = TrainLoader(cfg, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
                          batch_size_per_rank=batch, seed=0, world=WorldInfo())
     batches = iter(loader)
@@ -183,6 +189,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=200, help="CIFAR-10 images per class in the shards")
     parser.add_argument("--batch", type=int, default=100, help="batch size of the loader")
     parser.add_argument("--work", type=Path, default=Path("/tmp/contrastive-bench-loader"), help="cache folder")
+    parser.add_argument("--worker", action="store_true",
+                        help="also time loader and uint8 in one DataLoader worker (the training process's side idle)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
@@ -196,6 +204,11 @@ def main() -> None:
         "plain": lambda: rate_loader(spec, args.images, model=args.model, fast=False, batch=args.batch),
         "uint8": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch, uint8=True),
     }
+    if args.worker:  # the same loaders in one real DataLoader worker: batches in fresh shared memory, pickled over
+        variants["loader_worker"] = lambda: rate_loader(spec, args.images, model=args.model, fast=True,
+                                                        batch=args.batch, workers=1)
+        variants["uint8_worker"] = lambda: rate_loader(spec, args.images, model=args.model, fast=True,
+                                                       batch=args.batch, uint8=True, workers=1)
     for fn in variants.values():  # warm up imports, caches and the page cache
         fn()
     rates = {name: [] for name in variants}
@@ -210,6 +223,8 @@ def main() -> None:
         "plain_vs_ceiling": round(median["plain"] / median["ceiling"], 3),
         "loader_vs_plain": round(median["loader"] / median["plain"], 3),
         "uint8_vs_ceiling": round(median["uint8"] / median["ceiling"], 3),
+        **{f"{k}_vs_ceiling": round(median[k] / median["ceiling"], 3) for k in ("loader_worker", "uint8_worker")
+           if k in median},
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
     }
     result["us_per_image_by_step"] = stage_costs(spec, min(args.images, 1000), model=args.model, batch=args.batch)
