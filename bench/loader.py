@@ -12,7 +12,7 @@ in alternating rounds so that load from other jobs hits every variant alike; the
     plain     the same loader with data.fast_decode=false: open_clip's transform exactly as built
     uint8     `loader` with data.uint8_batches=true (the default when training on a GPU): the transform stops
               before Normalize, uint8 batches, a quarter of the bytes to write; the train step normalises
-              them on its device (TrainLoader.to_float)
+              them on its device (TrainLoader.to_device)
 
     *_worker  (--worker) `loader` and `uint8` produced by one DataLoader worker process, as training runs them:
               batches in fresh shared memory, handed over a pipe; the clock starts at the first batch, with at

@@ -320,12 +320,12 @@ class TrainLoader:
         total = sum(chances)
         return [c / total for c in chances]
 
-    def to_float(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """A batch as the model takes it: uint8 batches (data.uint8_batches) normalised where they are (on
-        the training device), bit for bit what the workers would have written; float batches unchanged."""
+    def to_device(self, images_BCHW: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A batch on the training device as the model takes it: uint8 batches (data.uint8_batches) are moved,
+        then normalised there, bit for bit what the workers would have written; float batches are moved."""
         if images_BCHW.dtype != torch.uint8:
-            return images_BCHW
-        return self.transform.normalize.normalize_batch(images_BCHW)
+            return images_BCHW.to(device, dtype=dtype, non_blocking=True)
+        return self.transform.normalize.normalize_batch(images_BCHW.to(device, non_blocking=True)).to(dtype)
 
     # -- position
 

@@ -264,8 +264,7 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
         images, texts = next(batches)
         keys_B = positive_keys(loss_fn, texts, loader.last_classes)  # from the CPU tokens: no device sync
         texts, text_rows_B = distinct_captions(texts) if dedupe else (texts, None)
-        images = loader.to_float(images.to(device, non_blocking=True)).to(dtype)
-        batch = (images, texts.to(device, non_blocking=True),
+        batch = (loader.to_device(images, device, dtype), texts.to(device, non_blocking=True),
                  *(t if t is None else t.to(device, non_blocking=True) for t in (keys_B, text_rows_B)))
         window["data"] += time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - start

@@ -98,16 +98,16 @@ def test_uint8_batches_normalised_in_the_step_train_exactly_as_float_batches(tmp
 
 
 def test_uint8_batches_are_refused_where_the_workers_cannot_stop_before_normalize(synthetic_data):
+    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+
     from contrastive.config import ConfigError
     from contrastive.data import TrainLoader
     from contrastive.distributed import WorldInfo
     from contrastive.errors import UserError
+    from tests.test_data import _jpeg
 
     with pytest.raises(ConfigError, match="fast_decode"):
         load_config(None, ["data.uint8_batches=true", "data.fast_decode=false"])
-    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
-    from tests.test_data import _jpeg
-
     jitter = image_transform_v2(PreprocessCfg(size=32), is_train=True,
                                 aug_cfg=AugmentationCfg(use_timm=True, color_jitter=0.4))
     cfg = load_config(None, [f"data.train={synthetic_data['train']}", "data.uint8_batches=true"]).data
