@@ -40,8 +40,8 @@ class DataConfig:
     # level of PIL) and decode JPEGs at reduced size where the crop still covers the output (see
     # contrastive/transforms.py); false runs the transform on PIL images exactly as built.
     fast_decode: bool = True
-    # Batches of uint8 pixels, normalised by the training step on its device (bit for bit the float batch):
-    # a quarter of the bytes for the workers to write and ship, and no normalise pass in them. Needs
+    # Batches of uint8 RGBX pixels (channels-last), normalised by the training step on its device (bit for
+    # bit the float batch): a third of the bytes to write and ship, and no normalise pass in the workers. Needs
     # fast_decode and an open_clip train transform. None (default): on when training on a GPU, where the
     # normalise is free; on CPU it would move that pass into the training process.
     uint8_batches: Optional[bool] = None

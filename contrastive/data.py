@@ -167,13 +167,17 @@ class _SlotStream(IterableDataset):
         return image, caption
 
     def _new_batch(self, image_CHW: torch.Tensor) -> torch.Tensor:
-        """An empty (B, C, H, W) batch; in a worker it lives in shared memory (as DataLoader's collate does),
-        so handing it to the training process copies nothing."""
-        shape = (self.spec.batch_size, *image_CHW.shape)
+        """An empty (B, C, H, W) batch in the image's memory layout (planes, or channels-last for uint8 RGBX
+        pixels), so that each image is written into it as one plain copy; in a worker it lives in shared
+        memory (as DataLoader's collate does), so handing it to the training process copies nothing."""
+        channels_last = not image_CHW.is_contiguous() and image_CHW.permute(1, 2, 0).is_contiguous()
+        shape = (self.spec.batch_size, *(image_CHW.permute(1, 2, 0).shape if channels_last else image_CHW.shape))
         if get_worker_info() is None:
-            return torch.empty(shape, dtype=image_CHW.dtype)
-        storage = image_CHW._typed_storage()._new_shared(math.prod(shape), device=image_CHW.device)
-        return image_CHW.new(storage).resize_(shape)
+            batch = torch.empty(shape, dtype=image_CHW.dtype)
+        else:
+            storage = image_CHW._typed_storage()._new_shared(math.prod(shape), device=image_CHW.device)
+            batch = image_CHW.new(storage).resize_(shape)
+        return batch.permute(0, 3, 1, 2) if channels_last else batch
 
     def __iter__(self):
         spec, plan = self.spec, self.spec.plan
@@ -321,8 +325,9 @@ class TrainLoader:
         return [c / total for c in chances]
 
     def to_device(self, images_BCHW: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A batch on the training device as the model takes it: uint8 batches (data.uint8_batches) are moved,
-        then normalised there, bit for bit what the workers would have written; float batches are moved."""
+        """A batch on the training device as the model takes it: uint8 batches (data.uint8_batches: RGBX pixels
+        in channels-last memory) are moved, then normalised there into plain (B, 3, H, W) planes, bit for bit
+        what the workers would have written; float batches are moved."""
         if images_BCHW.dtype != torch.uint8:
             return images_BCHW.to(device, dtype=dtype, non_blocking=True)
         return self.transform.normalize.normalize_batch(images_BCHW.to(device, non_blocking=True)).to(dtype)

@@ -67,9 +67,11 @@ class ToNormalizedTensor:
         return out.copy_(pixels_CHW).sub_(self.mean_C11).mul_(self.inv_std_C11)
 
     def normalize_batch(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) batch, on any device -> the float32 batch normalize_into gives, bit for bit."""
+        """uint8 (B, C, H, W) batch in any memory layout, on any device -> the contiguous float32 batch
+        normalize_into gives, bit for bit. Extra channels past C (the padding of RGBX pixels) are dropped."""
         mean, inv_std = self.mean_C11.to(pixels_BCHW.device), self.inv_std_C11.to(pixels_BCHW.device)
-        return pixels_BCHW.to(torch.float32).sub_(mean).mul_(inv_std)
+        pixels_BCHW = pixels_BCHW[:, :mean.shape[0]]
+        return pixels_BCHW.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).mul_(inv_std)
 
     def __call__(self, pic) -> torch.Tensor:
         import numpy as np
@@ -187,8 +189,10 @@ class FastTransform:
         self.uint8, self.hflip = uint8, hflip
 
     def as_uint8(self) -> "FastTransform":
-        """The same transform stopping before Normalize: uint8 (C, H, W) pixels, a quarter of the bytes to
-        write and ship; `self.normalize.normalize_batch` then gives the float batch (e.g. on the GPU)."""
+        """The same transform stopping before Normalize: uint8 pixels as resampled, RGBX in channels-last
+        memory ((4, H, W) with strides (1, 4W, 4): copied into a batch as they lie, where packing them into
+        planes costs as much as the resampling), a third of the float batch's bytes;
+        `self.normalize.normalize_batch` gives the float batch on the training device."""
         return FastTransform(kind=self.kind, size_hw=self.size_hw, mode=self.mode, normalize=self.normalize,
                              scale=self.scale, ratio=self.ratio, resize=self.resize, crop_hw=self.crop_hw,
                              uint8=True, hflip=self.hflip)
@@ -266,7 +270,8 @@ class FastTransform:
                 left = int(round((resized_hw[1] - crop_w) / 2.0))
                 x = x[..., top:top + crop_h, left:left + crop_w]
         if self.uint8:
-            return x[0, :3].contiguous() if out is None else out.copy_(x[0, :3])
+            x = x.contiguous(memory_format=torch.channels_last)  # a flip or a centre crop may have moved it
+            return x[0] if out is None else out.copy_(x[0])
         return self.normalize.normalize_into(x[0, :3], out)
 
 

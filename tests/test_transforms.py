@@ -80,10 +80,16 @@ def test_uint8_output_then_normalize_batch_is_the_float_output_bit_for_bit():
     for is_train in (True, False):
         fast = fast_preprocess(image_transform_v2(PreprocessCfg(size=64), is_train=is_train))
         pixels = fast.as_uint8()
-        want, got = [], torch.empty(len(datas), 3, 64, 64, dtype=torch.uint8)
+        # RGBX pixels in channels-last memory, as the loader's batches hold them
+        want, got = [], torch.empty(len(datas), 64, 64, 4, dtype=torch.uint8).permute(0, 3, 1, 2)
         for k, data in enumerate(datas):
             torch.manual_seed(k)
             want.append(fast(data))
             torch.manual_seed(k)
+            alone = pixels(data)
+            assert alone.shape == (4, 64, 64) and alone.permute(1, 2, 0).is_contiguous()
+            torch.manual_seed(k)
             pixels(data, out=got[k])
-        assert torch.equal(fast.normalize.normalize_batch(got), torch.stack(want))
+            assert torch.equal(got[k], alone)
+        floats = fast.normalize.normalize_batch(got)
+        assert floats.is_contiguous() and torch.equal(floats, torch.stack(want))
