@@ -7,12 +7,17 @@ in alternating rounds so that load from other jobs hits every variant alike; the
     loader    our TrainLoader (data.fast_decode=true): read, shuffle, per-sample seeding, decode (JPEGs at
               the largest DCT reduction that still leaves the random crop >= the output size), the model's
               open_clip train transform run on uint8 pixels (contrastive/transforms.py), batch assembly,
-              and tokenising each batch with the model's tokenizer; timed after the first batch (the
-              shuffle buffer is full)
+              and tokenising each batch with the model's tokenizer; timed once the shuffle buffer is full
+              (until then it reads two samples per sample out; from then on one, as the ceiling does)
     plain     the same loader with data.fast_decode=false: open_clip's transform exactly as built
     uint8     `loader` with data.uint8_batches=true (the default when training on a GPU): the transform stops
-              before Normalize, uint8 batches, a quarter of the bytes to write; the train step normalises
-              them on its device (TrainLoader.to_device)
+              before Normalize, uint8 RGBX batches in channels-last memory, a third of the bytes to write;
+              the train step normalises them on its device (TrainLoader.to_device)
+    uint8_planar `uint8` writing each image into a batch of (B, 3, H, W) planes, as uint8 batches were held
+              before they became RGBX channels-last: the baseline of that change
+    decode_only  `loader` with the transform cut down to decoding (a 1-pixel placeholder as the image): the
+              most any augmentation can leave, i.e. the ceiling less the loader's own per-sample work
+              (shuffle buffer, seeding, captions, batches, tokenising)
 
     *_worker  (--worker) `loader` and `uint8` produced by one DataLoader worker process, as training runs them:
               batches in fresh shared memory, handed over a pipe; the clock starts at the first batch, with at
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import statistics
 import sys
 import tarfile
@@ -86,8 +92,32 @@ def rate_ceiling(spec: str, num_images: int) -> float:
     return done / (time.perf_counter() - start)
 
 
+def decode_only(data: bytes, out=None):
+    """A transform that decodes and stops: the image comes out as one black pixel."""
+    import torch
+
+    from contrastive.data import decode_image
+
+    decode_image(data)
+    pixel = torch.zeros(3, 1, 1, dtype=torch.uint8)
+    return pixel if out is None else out.copy_(pixel)
+
+
+class Planar:
+    """A uint8 transform's images written into plain (3, H, W) planes: packing them out of RGBX pixels."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, data: bytes, out=None):
+        pixels = self.transform(data)[:3]
+        return pixels.contiguous() if out is None else out.copy_(pixels)
+
+
 def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int, uint8: bool = False,
-                workers: int = 0) -> float:
+                workers: int = 0, transform=None) -> float:
+    """Images/s of a TrainLoader in steady state; `transform` (the loader's transform -> another) swaps
+    in another per-sample transform."""
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -102,8 +132,14 @@ def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: in
                      prefetch_factor=1)  # with a worker: at most one batch ready when the clock starts
     loader = TrainLoader(cfg, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
                          batch_size_per_rank=batch, seed=0, world=WorldInfo())
+    if transform is not None:
+        loader.transform = transform(loader.transform)
     batches = iter(loader)
-    next(batches)  # steady state: the shuffle buffer is full from here on
+    # Steady state: webdataset's shuffle buffer starts yielding at 100 samples and grows by one per sample
+    # yielded (reading two), so it is full only once `shuffle_buffer` samples are out; from then on the
+    # loader reads one sample per sample it yields, as through a whole run, and as the ceiling does.
+    for _ in range(math.ceil(cfg.shuffle_buffer / batch) + 1):
+        next(batches)
     done, start = 0, time.perf_counter()
     for images, tokens in batches:
         done += len(images)
@@ -203,6 +239,10 @@ def main() -> None:
         "loader": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch),
         "plain": lambda: rate_loader(spec, args.images, model=args.model, fast=False, batch=args.batch),
         "uint8": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch, uint8=True),
+        "uint8_planar": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch,
+                                            uint8=True, transform=Planar),
+        "decode_only": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch,
+                                           transform=lambda _: decode_only),
     }
     if args.worker:  # the same loaders in one real DataLoader worker: batches in fresh shared memory, pickled over
         variants["loader_worker"] = lambda: rate_loader(spec, args.images, model=args.model, fast=True,
@@ -223,6 +263,8 @@ def main() -> None:
         "plain_vs_ceiling": round(median["plain"] / median["ceiling"], 3),
         "loader_vs_plain": round(median["loader"] / median["plain"], 3),
         "uint8_vs_ceiling": round(median["uint8"] / median["ceiling"], 3),
+        "decode_only_vs_ceiling": round(median["decode_only"] / median["ceiling"], 3),
+        "uint8_vs_uint8_planar": round(median["uint8"] / median["uint8_planar"], 3),
         **{f"{k}_vs_ceiling": round(median[k] / median["ceiling"], 3) for k in ("loader_worker", "uint8_worker")
            if k in median},
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
