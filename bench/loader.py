@@ -2,6 +2,8 @@
 
 All figures come from one process on one thread (as a DataLoader worker runs), on the same shards, measured
 in alternating rounds so that load from other jobs hits every variant alike; the ratios are what to compare.
+The in-process variants are also given per CPU second of the process (`*_cpu`), which other jobs on a
+shared machine move far less than the wall clock.
 
     ceiling   read the shards and decode each image to RGB at full size (webdataset's .decode("pil"))
     loader    our TrainLoader (data.fast_decode=true): read, shuffle, per-sample seeding, decode (JPEGs at
@@ -77,19 +79,32 @@ def make_shards(work: Path, *, image_size: int, per_class: int) -> str:
     return str(out / "train" / f"{{00000..{summary['num_shards'] - 1:05d}}}.tar")
 
 
+class Clock:
+    """Wall time and this process's CPU time since it was made. The CPU clock does not run while other jobs
+    hold the core, so on a shared machine it is the steadier measure of work done in this process; work in
+    a DataLoader worker only shows on the wall clock."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rates(self, done: int) -> tuple[float, float]:
+        """(images per wall second, images per CPU second of this process)."""
+        return done / (time.perf_counter() - self.wall), done / (time.process_time() - self.cpu)
+
+
 def rate_ceiling(spec: str, num_images: int) -> float:
     from contrastive.data import decode_image, expand_sources, read_shard
 
     urls = [u for source in expand_sources(spec) for u in source]
-    done, start = 0, time.perf_counter()
+    done, clock = 0, Clock()
     while done < num_images:
         for url in urls:
             for sample in read_shard(url):
                 decode_image(sample["jpg"])
                 done += 1
                 if done == num_images:
-                    return done / (time.perf_counter() - start)
-    return done / (time.perf_counter() - start)
+                    return clock.rates(done)
+    return clock.rates(done)
 
 
 def decode_only(data: bytes, out=None):
@@ -140,12 +155,12 @@ def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: in
     # loader reads one sample per sample it yields, as through a whole run, and as the ceiling does.
     for _ in range(math.ceil(cfg.shuffle_buffer / batch) + 1):
         next(batches)
-    done, start = 0, time.perf_counter()
+    done, clock = 0, Clock()
     for images, tokens in batches:
         done += len(images)
         if done >= num_images:
             break
-    return done / (time.perf_counter() - start)
+    return clock.rates(done)
 
 
 def stage_costs(spec: str, num_images: int, *, model: str, batch: int) -> dict[str, float]:
@@ -252,10 +267,15 @@ def main() -> None:
     for fn in variants.values():  # warm up imports, caches and the page cache
         fn()
     rates = {name: [] for name in variants}
+    cpu_rates = {name: [] for name in variants if not name.endswith("_worker")}
     for _ in range(args.rounds):
         for name, fn in variants.items():
-            rates[name].append(fn())
+            wall, cpu = fn()
+            rates[name].append(wall)
+            if name in cpu_rates:
+                cpu_rates[name].append(cpu)
     median = {name: statistics.median(r) for name, r in rates.items()}
+    cpu = {name: statistics.median(r) for name, r in cpu_rates.items()}
     result = {
         "model": args.model, "shard_image_size": args.image_size, "images_per_measurement": args.images,
         "images_per_s_per_worker": {k: round(v, 1) for k, v in median.items()},
@@ -268,6 +288,11 @@ def main() -> None:
         **{f"{k}_vs_ceiling": round(median[k] / median["ceiling"], 3) for k in ("loader_worker", "uint8_worker")
            if k in median},
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        # the in-process variants again, per CPU second: other jobs on the machine move these far less
+        "images_per_cpu_s": {k: round(v, 1) for k, v in cpu.items()},
+        "vs_ceiling_cpu": {k: round(v / cpu["ceiling"], 3) for k, v in cpu.items() if k != "ceiling"},
+        "uint8_vs_uint8_planar_cpu": round(cpu["uint8"] / cpu["uint8_planar"], 3),
+        "rounds_cpu": {k: [round(x, 1) for x in v] for k, v in cpu_rates.items()},
     }
     result["us_per_image_by_step"] = stage_costs(spec, min(args.images, 1000), model=args.model, batch=args.batch)
     print(json.dumps(result, indent=2))
