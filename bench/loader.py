@@ -22,8 +22,8 @@ shared machine move far less than the wall clock.
               (shuffle buffer, seeding, captions, batches, tokenising)
 
     *_worker  (--worker) `loader` and `uint8` produced by one DataLoader worker process, as training runs them:
-              batches in fresh shared memory, handed over a pipe; the clock starts at the first batch, with at
-              most one more already waiting (prefetch_factor=1)
+              batches in fresh shared memory, handed over a pipe; the clock starts as for `loader`, with at
+              most one more batch already waiting (prefetch_factor=1)
 
 The shards are CIFAR-10 photographs from the shared archive, prepared with `prep imagefolder` at
 --image-size (center_crop), once per size under --work.

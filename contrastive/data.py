@@ -170,8 +170,9 @@ class _SlotStream(IterableDataset):
         """An empty (B, C, H, W) batch in the image's memory layout (planes, or channels-last for uint8 RGBX
         pixels), so that each image is written into it as one plain copy; in a worker it lives in shared
         memory (as DataLoader's collate does), so handing it to the training process copies nothing."""
-        channels_last = not image_CHW.is_contiguous() and image_CHW.permute(1, 2, 0).is_contiguous()
-        shape = (self.spec.batch_size, *(image_CHW.permute(1, 2, 0).shape if channels_last else image_CHW.shape))
+        image_HWC = image_CHW.permute(1, 2, 0)
+        channels_last = not image_CHW.is_contiguous() and image_HWC.is_contiguous()
+        shape = (self.spec.batch_size, *(image_HWC if channels_last else image_CHW).shape)
         if get_worker_info() is None:
             batch = torch.empty(shape, dtype=image_CHW.dtype)
         else:
