@@ -146,3 +146,51 @@ def all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, group=group)
     return value / dist.get_world_size(group)
+
+
+# ---------------------------------------------------------------- host-side collectives
+# NCCL reduces only device tensors: a collective on a host tensor raises. The default process group of a CUDA
+# world is therefore started with both backends (process_group_backend), so that the helpers below, which work
+# on host tensors and objects (log records, evaluation results, shard counts, resume checks), take gloo there
+# and NCCL never sees a host tensor. Covered on gloo by tests/test_distributed.py and, with NCCL, by
+# bench/gpu_check.py.
+
+def process_group_backend(*, cuda: bool) -> str:
+    """The default group's backend: NCCL for device tensors plus gloo for host tensors on GPUs; gloo on CPUs."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def host_all_gather(rows_N: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate host tensors along dim 0 in rank order; ranks may pass different numbers of rows (same
+    trailing shape and dtype). World size 1 returns the input."""
+    _, world_size = rank_and_world_size(group)
+    if world_size == 1:
+        return rows_N
+    assert rows_N.device.type == "cpu", "host_all_gather takes host tensors (device tensors: all_gather_no_grad)"
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([rows_N.shape[0]], dtype=torch.int64), group=group)
+    counts = [int(s) for s in sizes]
+    padded = rows_N.new_zeros((max(counts), *rows_N.shape[1:]))
+    padded[:rows_N.shape[0]] = rows_N
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts)])
+
+
+def host_all_gather_object(obj, group=None) -> list:
+    """Every rank's picklable `obj`, in rank order (over gloo on a CUDA world)."""
+    _, world_size = rank_and_world_size(group)
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def host_broadcast_object(obj, *, src: int = 0, group=None):
+    """Rank `src`'s picklable `obj` on every rank (the others' `obj` is ignored)."""
+    if rank_and_world_size(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group, device=torch.device("cpu"))
+    return box[0]
