@@ -243,7 +243,7 @@ def count_step_flops(model, batch, *, loss_fn, max_logit_scale: float, device: t
     with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flops()) as counter:
         with autocast:
             out = model(*batch)
-            loss = _loss(loss_fn, out, None, max_logit_scale)
+            loss = _loss(loss_fn, out, None)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

@@ -17,6 +17,11 @@ class ConfigError(UserError, ValueError):
     """A config file or override a user wrote is wrong."""
 
 
+# Every collective of a run must finish within this (train.dist_timeout_s): long enough for a checkpoint of a
+# large model or an in-loop evaluation on rank 0's side, short enough that a dead peer ends the job.
+DEFAULT_DIST_TIMEOUT_S = 1800.0
+
+
 @dataclass
 class DataConfig:
     # Shard specs: brace expansion allowed, several sources joined with '::'.
@@ -235,17 +240,27 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5
     # Read the loss and the stop/non-finite flags on the host every this many steps (and at log, checkpoint
     # and eval steps) instead of every step, so the host never waits for the device in between. With N > 1
-    # a non-finite step's update is skipped on the device (fused AdamW's found_inf) and counts as a step.
-    sync_every: int = 1
+    # a non-finite step's update is skipped on the device (fused AdamW's found_inf) and counts as a step, and a
+    # stop request (preemption, max_time_s) takes effect at the next read. 0 (auto): on a GPU, where DeepSpeed
+    # steps our optimizer itself (zero_stage 0, precision fp32 or amp_bf16), read only where the loop logs,
+    # checkpoints or evaluates; else every step.
+    sync_every: int = 0
     # Encode each distinct caption of a batch once (templated captions repeat): the same features and
     # gradients as encoding every copy. Applies when the text tower has no dropout and accum_steps is 1.
     dedupe_captions: bool = True
+    # Timeout of every collective of the process group, in seconds (torch's default is 10 or 30 minutes
+    # depending on the backend): a rank that died or hangs ends the job with an error instead of a silent hang.
+    dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "accum_steps",
-                     "max_nonfinite_in_a_row", "sync_every"):
+                     "max_nonfinite_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.sync_every < 0:
+            raise ConfigError(f"train.sync_every must be >= 0 (0: auto), got {self.sync_every}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by train.accum_steps={self.accum_steps}")
 
@@ -272,22 +287,28 @@ class EvalConfig:
     evaluators: list[EvaluatorConfig] = field(default_factory=list)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp_bf16")
+
+
 @dataclass
 class DeepSpeedConfig:
     """Maps onto a DeepSpeed config; the batch sizes, optimizer and clipping come from train/optim."""
 
     zero_stage: int = 0
-    # fp32; bf16/fp16: DeepSpeed's half-precision weights and optimizer wrappers; amp_bf16: fp32 weights and
-    # optimizer with bf16 autocast (DeepSpeed's torch_autocast; open_clip's amp_bf16).
-    precision: str = "fp32"
+    # fp32; bf16/fp16: DeepSpeed's half-precision weights and optimizer wrappers, with fp32 master weights and
+    # gradients reduced across ranks in fp32 (bf16 also accumulates micro-steps in fp32: DeepSpeed's
+    # BF16_Optimizer, which it builds for ZeRO stage 1, so bf16 with zero_stage 0 runs as stage 1); amp_bf16:
+    # fp32 weights and optimizer with bf16 autocast (DeepSpeed's torch_autocast; open_clip's amp_bf16).
+    # auto: amp_bf16 on a GPU, fp32 on a CPU.
+    precision: str = "auto"
     # Further DeepSpeed config keys, deep-merged over the derived config (e.g. {zero_optimization: {overlap_comm: true}}).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16", "fp16", "amp_bf16"):
-            raise ConfigError(f"deepspeed.precision must be fp32, bf16, fp16 or amp_bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"deepspeed.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -299,6 +320,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+def resolve_auto(cfg: Config, *, cuda: bool) -> Config:
+    """The config a run trains with: every `auto` value chosen for the device (the run directory records it).
+    Refuses combinations that would train silently worse: bf16 gradient accumulation under ZeRO 2/3, which
+    DeepSpeed can only do in bf16."""
+    precision = cfg.deepspeed.precision
+    if precision == "auto":
+        precision = "amp_bf16" if cuda else "fp32"
+    sync_every = cfg.train.sync_every
+    if not sync_every:
+        plain = cfg.deepspeed.zero_stage == 0 and precision in ("fp32", "amp_bf16")
+        sync_every = cfg.train.log_every if cuda and plain else 1
+    if precision == "bf16" and cfg.deepspeed.zero_stage >= 2 and cfg.train.accum_steps > 1:
+        raise ConfigError(f"deepspeed.precision=bf16 with zero_stage={cfg.deepspeed.zero_stage} would accumulate "
+                          f"train.accum_steps={cfg.train.accum_steps} micro-steps in bf16 (DeepSpeed keeps ZeRO 2/3 "
+                          f"gradients in the weights' dtype): use zero_stage 0 or 1, or precision amp_bf16")
+    return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, precision=precision),
+                               train=dataclasses.replace(cfg.train, sync_every=sync_every))
 
 
 def _is_dataclass_type(tp) -> bool:

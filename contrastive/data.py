@@ -293,7 +293,7 @@ class TrainLoader:
         self.class_sets, self.class_set_of_shard = class_caption_sets(urls)
         self.tokenizer = tokenizer
         self.batch_size = batch_size_per_rank
-        self.seed, self.world = seed, world
+        self.seed, self.world, self.on_gpu = seed, world, on_gpu
         self.num_workers = num_workers
         self.slots = [SlotState() for _ in range(max(1, num_workers))]
         self.num_batches = 0
@@ -395,8 +395,10 @@ class TrainLoader:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
         # The DataLoader draws a base seed from this generator, not the global one, so starting the loader
         # does not move the training process's random stream (every sample is seeded by position anyway).
+        # Pinned batches (on a GPU) make the step's non-blocking copies truly asynchronous: from pageable memory
+        # a host-to-device copy first waits for the device.
         loader = DataLoader(_SlotStream(spec), batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.seed), **kwargs)
+                            generator=torch.Generator().manual_seed(self.seed), pin_memory=self.on_gpu, **kwargs)
         for images, tokens, meta in loader:
             epoch, block, offset = meta["position"]
             self.slots[meta["worker"]] = SlotState(epoch, block, offset, meta["skipped"])

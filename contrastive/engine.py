@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import datetime
+import math
 import os
 import re
 import socket
@@ -10,8 +12,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from contrastive.config import Config, DeepSpeedConfig
-from contrastive.distributed import WorldInfo, world_from_env
+from contrastive.config import DEFAULT_DIST_TIMEOUT_S, Config, DeepSpeedConfig, resolve_auto
+from contrastive.distributed import WorldInfo, process_group_backend, world_from_env
 from contrastive.errors import UserError
 from contrastive.models import param_groups
 
@@ -53,11 +55,14 @@ def import_deepspeed():
     return deepspeed
 
 
-def init_distributed() -> WorldInfo:
+def init_distributed(*, timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> WorldInfo:
     """Start the default process group from torchrun/deepspeed/Slurm variables (a 1-rank group otherwise).
 
     Under srun, RANK/WORLD_SIZE/LOCAL_RANK come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the master
     is the job's first node and the port is derived from the job id, so every task agrees without talking.
+    On GPUs the group has NCCL for device tensors and gloo for host tensors (process_group_backend), so the
+    host-side collectives of logging, evaluation and resume checks are legal; `timeout_s` bounds every
+    collective (train.dist_timeout_s), so a dead peer ends the job instead of hanging it.
     """
     deepspeed = import_deepspeed()
 
@@ -72,13 +77,18 @@ def init_distributed() -> WorldInfo:
     if "MASTER_PORT" not in env:
         job = env.get("SLURM_JOB_ID")
         env["MASTER_PORT"] = str(20000 + int(job) % 20000) if job else str(_free_port())
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend=process_group_backend(cuda=torch.cuda.is_available()), verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     return world
 
 
 def device_for(world: WorldInfo) -> torch.device:
+    """This rank's training device. On CUDA, TF32 is allowed for fp32 matmuls and convolutions (the fp32 parts
+    of amp_bf16 and fp32 runs), as open_clip and timm trainers do."""
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
 
@@ -91,24 +101,42 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def deepspeed_config(cfg: Config, world: WorldInfo) -> dict:
-    """Our config -> DeepSpeed's. DeepSpeed's own gradient accumulation boundary is used, but each
-    micro-step's loss covers the whole accumulated batch (see train.train_step), hence no loss scaling by it."""
+    """Our config (resolved: config.resolve_auto) -> DeepSpeed's. DeepSpeed's own gradient accumulation boundary
+    is used, but each micro-step's loss covers the whole accumulated batch (see train.train_step), hence no loss
+    scaling by it.
+
+    Nothing in it makes the host wait for the device: DeepSpeed's throughput timer (on by default) calls
+    cuda.synchronize() twice per micro-step, so it is off, as is its wall-clock breakdown. With half-precision
+    weights, gradients are reduced across ranks in fp32 and bf16 accumulates micro-steps in fp32 (its
+    BF16_Optimizer, which DeepSpeed builds for ZeRO stage 1 only). Half-precision weights at zero_stage 0 run as
+    stage 1 (the same arithmetic, with the optimizer state split over ranks), so that their fp32 master copy is
+    reachable through DeepSpeed's safe_set_full_fp32_param (see clamp_logit_scale_). tests/test_engine.py checks the dtypes DeepSpeed ends
+    up with; bench/gpu_check.py counts the host syncs on a GPU.
+    """
     ds: DeepSpeedConfig = cfg.deepspeed
+    if ds.precision not in ("fp32", "bf16", "fp16", "amp_bf16"):
+        raise ValueError(f"deepspeed.precision={ds.precision!r}: resolve the config first (config.resolve_auto)")
     micro = cfg.train.batch_size // (world.world_size * cfg.train.accum_steps)
     if micro * world.world_size * cfg.train.accum_steps != cfg.train.batch_size:
         raise UserError(f"train.batch_size={cfg.train.batch_size} must be divisible by ranks ({world.world_size}) "
                         f"x train.accum_steps ({cfg.train.accum_steps})")
+    half = ds.precision in ("bf16", "fp16")
     out = {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.train.accum_steps,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": 1 if half and ds.zero_stage == 0 else ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
+    if half:
+        out["communication_data_type"] = "fp32"
+    if ds.precision == "bf16" and out["zero_optimization"]["stage"] == 1:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.precision == "amp_bf16":  # fp32 weights and optimizer; DeepSpeed runs the forward under bf16 autocast
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return deep_merge(out, ds.extra)
@@ -128,8 +156,10 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, world: WorldInfo, lr_lambda: Callable[[int], float]):
-    """Wrap `model` in a DeepSpeed engine with AdamW (no decay on gains/biases/logit scale) and our LR schedule."""
+    """Wrap `model` in a DeepSpeed engine with AdamW (no decay on gains/biases/logit scale) and our LR schedule.
+    `cfg`'s `auto` values are resolved for this machine as train.train resolves them."""
     deepspeed = import_deepspeed()
+    cfg = resolve_auto(cfg, cuda=torch.cuda.is_available())
 
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -145,7 +175,34 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: WorldInfo, lr_lambd
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
     _without_host_syncs(engine, optimizer, cfg, world)
+    clamp_logit_scale_(engine, max_logit_scale=cfg.model.max_logit_scale)  # an init above the cap starts at it
     return engine, scheduler
+
+
+def clamp_logit_scale_(engine, *, max_logit_scale: float) -> None:
+    """Clamp the model's logit_scale parameter to log(max_logit_scale) in place, as open_clip does after each
+    step, wherever its value lives: the module's parameter (the only copy when DeepSpeed steps our AdamW
+    itself), the fp32 master copy DeepSpeed's optimizers keep for half-precision weights and ZeRO (which
+    would otherwise overwrite a clamp of the module's copy at the next step), and under ZeRO-3 this rank's
+    partitions of both. Collective under ZeRO 1 and 2 (every rank calls it); device operations only.
+    Clamping the parameter, not the forward's value, keeps its gradient alive at the cap, so the scale can
+    come back down (tests/test_engine.py, every ZeRO stage)."""
+    param = dict(engine.module.named_parameters()).get("logit_scale")
+    if param is None or not param.requires_grad:
+        return
+    cap = math.log(max_logit_scale)
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
+
+    with torch.no_grad():
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partitions (the clamp is elementwise, padding included)
+            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(max=cap))
+            param.ds_tensor.data.clamp_(max=cap)
+            return
+        master = safe_get_full_fp32_param(param)  # ZeRO 1/2, bf16: all-reduced; None when there is no other copy
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(max=cap))
+        param.data.clamp_(max=cap)
 
 
 # ---------------------------------------------------------------- speed: compiled towers, a step without host syncs

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from contrastive import checkpoint
-from contrastive.config import Config, OptimConfig, save_config, to_dict
+from contrastive import checkpoint, rng
+from contrastive.config import Config, OptimConfig, resolve_auto, save_config, to_dict
 from contrastive.data import TrainLoader
+from contrastive.distributed import host_all_gather
 from contrastive.errors import UserError
 from contrastive.evaluators import build_evaluators, run_evaluators
 from contrastive.losses import build_loss, caption_keys, class_keys
@@ -60,11 +61,10 @@ def _agree(loss: torch.Tensor, stop: bool, group=None) -> tuple[float, bool]:
     return loss_mean, num_stop > 0
 
 
-def _loss(loss_fn, out: dict, group, max_logit_scale: float, image_BD=None, text_BD=None, logit_scale=None,
-          keys_B=None):
-    """The loss in fp32. The logit scale is clamped here (CLIP's cap of 100), not on the parameter after the
-    step: under ZeRO the optimizer's fp32 master copy would overwrite a clamp of the module's parameter."""
-    scale = (out["logit_scale"] if logit_scale is None else logit_scale).float().clamp(max=max_logit_scale)
+def _loss(loss_fn, out: dict, group, *, image_BD=None, text_BD=None, logit_scale=None, keys_B=None):
+    """The loss in fp32. The logit scale is not clamped here but as a parameter after each step
+    (engine.clamp_logit_scale_), so its gradient stays alive at the cap."""
+    scale = (out["logit_scale"] if logit_scale is None else logit_scale).float()
     return loss_fn((out["image_features"] if image_BD is None else image_BD).float(),
                    (out["text_features"] if text_BD is None else text_BD).float(), scale,
                    None if out.get("logit_bias") is None else out["logit_bias"].float(), group=group,
@@ -112,8 +112,12 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
     skip_on_device (train.sync_every > 1): the host never waits for the device; backward always runs and the
     optimizer turns a non-finite step's update into a no-op on the device; "loss", "stop" and "nonfinite" come
     back as device tensors, for DeviceCounters to read now and then.
+
+    After the update the logit scale parameter is clamped to log(max_logit_scale) (collective under ZeRO). With
+    fp16 weights, a step DeepSpeed's loss scaler skips (gradient overflow) comes back with "updated" false and
+    "loss_scale_skip" true: the caller must not count it as a step, as DeepSpeed did not step the LR schedule.
     """
-    from contrastive.engine import skip_update_if
+    from contrastive.engine import clamp_logit_scale_, skip_update_if
 
     # (images, texts[, positive keys[, text rows]]): see positive_keys; with text rows (distinct_captions),
     # `texts` holds each distinct caption once and sample i's caption is texts[text_rows_B[i]].
@@ -127,13 +131,13 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
     if accum_steps > 1:
         with torch.no_grad():
             for img, txt in chunks:
-                rng_states.append(torch.get_rng_state())
+                rng_states.append(rng.capture(images.device))
                 out = _forward(engine, img, txt)
                 cached.append((out["image_features"], out["text_features"]))
-        after = torch.get_rng_state()
+        after = rng.capture(images.device)
     for j, (img, txt) in enumerate(chunks):
-        if cached:
-            torch.set_rng_state(rng_states[j])  # same dropout/patch-dropout draw as the cached forward
+        if cached:  # the same dropout/patch-dropout draws as the cached forward, on the CPU and the device
+            rng.restore(rng_states[j], images.device)
         out = _forward(engine, img, txt, text_rows_B)
         if cached:
             image_BD = torch.cat([out["image_features"] if i == j else c[0] for i, c in enumerate(cached)])
@@ -141,9 +145,9 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
             scale = out["logit_scale"] if j == 0 else out["logit_scale"].detach()
             if j > 0 and out.get("logit_bias") is not None:
                 out = dict(out, logit_bias=out["logit_bias"].detach())
-            loss = _loss(loss_fn, out, group, max_logit_scale, image_BD, text_BD, scale, keys_B)
+            loss = _loss(loss_fn, out, group, image_BD=image_BD, text_BD=text_BD, logit_scale=scale, keys_B=keys_B)
         else:
-            loss = _loss(loss_fn, out, group, max_logit_scale, keys_B=keys_B)
+            loss = _loss(loss_fn, out, group, keys_B=keys_B)
         if j == 0 and skip_on_device:
             flags = _agreed_on_device(loss, stop, group)  # the summed loss is non-finite if any rank's is
             skip_update_if(engine, ~torch.isfinite(flags[0]))
@@ -155,9 +159,20 @@ def train_step(engine, batch, *, loss_fn, max_logit_scale: float = 100.0, accum_
                 break
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
+    if result["updated"] is True and engine.fp16_enabled() and not engine.was_step_applied():
+        result.update(updated=False, loss_scale_skip=True)  # a host read DeepSpeed's fp16 loss scaler made anyway
+    clamp_logit_scale_(engine, max_logit_scale=max_logit_scale)
     if cached:
-        torch.set_rng_state(after)
-    return dict(result, logit_scale=out["logit_scale"].detach().float().reshape(()).clamp(max=max_logit_scale))
+        rng.restore(after, images.device)
+    return dict(result, logit_scale=out["logit_scale"].detach().float().reshape(()))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: a copy from pageable memory into CUDA memory
+    synchronises the stream first, one from pinned memory does not (the loader's batches are pinned already)."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _forward(engine, images, texts, text_rows_B=None) -> dict:
@@ -207,14 +222,15 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     installed earlier (the CLI installs one before the heavy imports); one is installed here otherwise."""
     from tqdm import tqdm
 
-    from contrastive.engine import build_engine, device_for, freeze, init_distributed
+    from contrastive.engine import build_engine, clamp_logit_scale_, device_for, freeze, init_distributed
     from contrastive.sharding import expand_sources
 
-    # Mistakes in paths fail here, in one line, before any process group or model exists.
+    # Mistakes in paths and settings fail here, in one line, before any process group or model exists.
     expand_sources(cfg.data.train)
+    cfg = resolve_auto(cfg, cuda=torch.cuda.is_available())
     evaluators = build_evaluators(cfg.eval)
     resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
-    world = init_distributed()
+    world = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     device = device_for(world)
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -231,23 +247,25 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     loss_fn = build_loss(cfg.loss)
     logger = MetricsLogger(run_dir, enabled=world.is_main)
 
-    step, elapsed_before, nonfinite_total = 0, 0.0, 0
+    step, elapsed_before, nonfinite_total, loss_scale_skips = 0, 0.0, 0, 0
+    torch.manual_seed(cfg.train.seed * 1000 + world.rank)  # per-rank dropout draws, CPU and CUDA
     if resume_from is not None:
         shared, mine = checkpoint.load_checkpoint(engine, resume_from, rank=world.rank)
         step, elapsed_before, nonfinite_total = shared["step"], shared["time_s"], shared["nonfinite_skips"]
+        loss_scale_skips = shared.get("loss_scale_skips", 0)
         loader.load_state_dict(mine["loader"])
-        torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+        rng.restore(rng.from_json(mine), device)  # this rank's own CPU and device generators
+        clamp_logit_scale_(engine, max_logit_scale=cfg.model.max_logit_scale)  # checkpoints of older versions
         logger.truncate_after(step)
-    else:
-        torch.manual_seed(cfg.train.seed * 1000 + world.rank)  # per-rank dropout draws
     start = time.perf_counter()
 
     def save(at_step: int) -> Path:
         return checkpoint.save_checkpoint(
             engine, run_dir, step=at_step, rank=world.rank,
             shared_state={"time_s": elapsed_before + time.perf_counter() - start, "nonfinite_skips": nonfinite_total,
-                          "zero_stage": cfg.deepspeed.zero_stage, "world_size": world.world_size},
-            rank_state={"loader": loader.state_dict(), "torch_rng": torch.get_rng_state().tolist()},
+                          "loss_scale_skips": loss_scale_skips, "zero_stage": cfg.deepspeed.zero_stage,
+                          "world_size": world.world_size},
+            rank_state={"loader": loader.state_dict(), "rng": rng.to_json(rng.capture(device))},
             config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), model_cfg=bundle.model_cfg,
             preprocess_cfg=bundle.preprocess_cfg, keep=cfg.train.keep_checkpoints)
 
@@ -264,8 +282,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
         images, texts = next(batches)
         keys_B = positive_keys(loss_fn, texts, loader.last_classes)  # from the CPU tokens: no device sync
         texts, text_rows_B = distinct_captions(texts) if dedupe else (texts, None)
-        batch = (loader.to_device(images, device, dtype), texts.to(device, non_blocking=True),
-                 *(t if t is None else t.to(device, non_blocking=True) for t in (keys_B, text_rows_B)))
+        batch = (loader.to_device(images, device, dtype), *(t if t is None else to_device(t, device)
+                                                             for t in (texts, keys_B, text_rows_B)))
         window["data"] += time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - start
         out_of_time = bool(cfg.train.max_time_s) and elapsed >= cfg.train.max_time_s
@@ -279,6 +297,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
                 nonfinite_total += nonfinite
             else:
                 out = None
+        elif out.get("loss_scale_skip"):  # fp16 overflow: DeepSpeed lowered the loss scale and skipped the step
+            loss_scale_skips += 1
         elif not out["updated"]:
             nonfinite_total += 1
             window["nonfinite_in_a_row"] += 1
@@ -297,7 +317,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
             continue
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or out["stop"]:
             record = _log_record(step, out, cfg, scheduler, loader, window, world,
-                                 time_s=elapsed_before + time.perf_counter() - start, nonfinite=nonfinite_total)
+                                 time_s=elapsed_before + time.perf_counter() - start, nonfinite=nonfinite_total,
+                                 loss_scale_skips=loss_scale_skips)
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or out["stop"]:
@@ -316,14 +337,11 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     return TrainResult(record=record, step=step, preempted=preempted)
 
 
-def _log_record(step, out, cfg, scheduler, loader, window, world, *, time_s, nonfinite) -> dict:
+def _log_record(step, out, cfg, scheduler, loader, window, world, *, time_s, nonfinite, loss_scale_skips) -> dict:
     """One metrics.jsonl record for the window of steps since the last one (resets the window)."""
     seconds = time.perf_counter() - window["t0"]
-    per_rank = torch.tensor([window["steps"] * cfg.train.batch_size / world.world_size / seconds])
-    if world.world_size > 1:
-        gathered = [torch.zeros(1) for _ in range(world.world_size)]
-        dist.all_gather(gathered, per_rank)
-        per_rank = torch.cat(gathered)
+    # A host tensor: on a CUDA world it goes over the process group's gloo side (NCCL refuses host tensors).
+    per_rank = host_all_gather(torch.tensor([window["steps"] * cfg.train.batch_size / world.world_size / seconds]))
     steps = max(1, window["steps"])
     record = {"step": step, "loss": out["loss"], "lr": scheduler.get_last_lr()[0],
               "logit_scale": out["logit_scale"].item(),
@@ -331,6 +349,7 @@ def _log_record(step, out, cfg, scheduler, loader, window, world, *, time_s, non
               "samples_per_s_per_rank": [round(v, 2) for v in per_rank.tolist()],
               "data_wait_s": window["data"] / steps, "compute_s": (seconds - window["data"]) / steps,
               "samples_seen": step * cfg.train.batch_size, "skipped_samples": loader.num_skipped,
-              "nonfinite_skips": nonfinite, "time_s": time_s}
+              "nonfinite_skips": nonfinite, "time_s": time_s,
+              **({"loss_scale_skips": loss_scale_skips} if cfg.deepspeed.precision == "fp16" else {})}
     window.update(t0=time.perf_counter(), steps=0, data=0.0)
     return record
