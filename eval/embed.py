@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from contrastive.errors import UserError
+from contrastive.evaluators import FeatureEncoder
 
 IMG_DIR, TEXT_DIR, META_DIR = "img_emb", "text_emb", "metadata"
 IMAGE_KEYS = "jpg;jpeg;png;webp"
@@ -124,18 +125,16 @@ def write_embeddings(bundle, data_spec: str, out_dir: str | Path, *, batch_size:
     model = bundle.model
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    encoder = FeatureEncoder(model)
     writer = _PartWriter(out_dir, rows_per_file)
     corrupt: dict = {}
     skipped = 0
     images, captions, meta = [], [], []
 
     def flush():
-        img_BD = model.encode_image(torch.stack(images).to(device, dtype), normalize=True)
-        txt_BD = model.encode_text(bundle.tokenizer(captions).to(device), normalize=True)
-        writer.add(img_BD.float().cpu().numpy().astype(np.float16),
-                   txt_BD.float().cpu().numpy().astype(np.float16), list(meta))
+        img_BD = encoder.encode_image(torch.stack(images))
+        txt_BD = encoder.encode_text(bundle.tokenizer(captions))
+        writer.add(img_BD.cpu().numpy().astype(np.float16), txt_BD.cpu().numpy().astype(np.float16), list(meta))
         images.clear(), captions.clear(), meta.clear()
 
     bar = tqdm(desc="embed", unit="img", disable=not progress)

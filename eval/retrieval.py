@@ -142,43 +142,47 @@ class RetrievalEvaluator:
 
 
 def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: int = 0):
-    """(image_ND, caption_MD, caption -> image index) for the first `max_samples` (0: all) readable samples."""
+    """(image_ND, caption_MD, caption -> image index) of the readable samples among the first `max_samples`
+    (0: all), as float32 arrays. On several ranks each encodes its share of the images and of the captions
+    (see contrastive.evaluators.encode_sharded) and every rank returns the whole set's, in sample order."""
     import torch
+    from PIL import Image
 
     from contrastive.data import decode_image, eval_samples
+    from contrastive.distributed import rank_and_world_size
+    from contrastive.evaluators import FeatureEncoder, encode_sharded
 
     model = bundle.model
-    device = next(model.parameters()).device
+    rank, world_size = rank_and_world_size()
+    encoder = FeatureEncoder(model)
+
+    def own_samples():
+        """(index, image, caption) of this rank's readable samples; only those are decoded."""
+        for n, sample in enumerate(eval_samples(data)):
+            if max_samples and n >= max_samples:
+                return
+            if n % world_size != rank:
+                continue
+            raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+            if raw is None or "txt" not in sample:
+                continue
+            try:
+                image = bundle.preprocess_val(decode_image(raw))
+            except Exception:
+                continue
+            yield n, image, sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
+
     was_training = model.training
     model.eval()
-    images, texts, image_feats = [], [], []
-
-    def flush():
-        with torch.no_grad():
-            feats = model.encode_image(torch.stack(images).to(device), normalize=True)
-        image_feats.append(feats.float().cpu().numpy())
-        images.clear()
-
-    for sample in eval_samples(data):
-        if max_samples and len(texts) >= max_samples:
-            break
-        raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if raw is None or "txt" not in sample:
-            continue
-        try:
-            images.append(bundle.preprocess_val(decode_image(raw)))
-        except Exception:
-            continue
-        texts.append(sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"]))
-        if len(images) == batch_size:
-            flush()
-    if images:
-        flush()
-    if not texts:
-        raise UserError(f"no readable (image, caption) samples in {data}")
-    flat, owner = captions_of(texts)
-    with torch.no_grad():
-        text_feats = [model.encode_text(bundle.tokenizer(flat[s:s + batch_size]).to(device), normalize=True)
-                      .float().cpu().numpy() for s in range(0, len(flat), batch_size)]
-    model.train(was_training)
-    return np.concatenate(image_feats), np.concatenate(text_feats), owner
+    try:
+        image_ND, texts = encode_sharded(own_samples(), lambda batch: encoder.encode_image(torch.stack(batch)),
+                                         dummy=bundle.preprocess_val(Image.new("RGB", (8, 8))), batch_size=batch_size)
+        if not texts:  # every rank has gathered the same (empty) list, so all stop here together
+            raise UserError(f"no readable (image, caption) samples in {data}")
+        flat, owner = captions_of(texts)
+        text_MD, _ = encode_sharded(((m, text, None) for m, text in enumerate(flat) if m % world_size == rank),
+                                    lambda batch: encoder.encode_text(bundle.tokenizer(batch)), dummy="",
+                                    batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return image_ND.numpy(), text_MD.numpy(), owner

@@ -11,7 +11,9 @@ from typing import Iterator, Sequence
 import torch
 
 from contrastive.config import EvaluatorConfig
+from contrastive.distributed import rank_and_world_size
 from contrastive.errors import UserError
+from contrastive.evaluators import FeatureEncoder, encode_sharded, sum_over_ranks
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a {c}.", "an image of a {c}.")
@@ -182,6 +184,12 @@ class LabelledImages:
 
     def __iter__(self) -> Iterator[tuple]:
         """(PIL image, class index, key) triples; unreadable images are skipped and counted in `self.skipped`."""
+        for _, image, label, key in self.shard(rank=0, world_size=1):
+            yield image, label, key
+
+    def shard(self, *, rank: int, world_size: int) -> Iterator[tuple]:
+        """(sample index, PIL image, class index, key) of the samples whose index is `rank` mod `world_size`;
+        only those are decoded. Unreadable images are skipped and counted in `self.skipped`."""
         from PIL import Image
 
         from contrastive.data import decode_image
@@ -192,15 +200,19 @@ class LabelledImages:
             for n, (file, cls) in enumerate(self.items):
                 if self.max_samples and n >= self.max_samples:
                     return
+                if n % world_size != rank:
+                    continue
                 try:
                     with Image.open(file) as img:
                         image = img.convert("RGB")
                 except Exception:
                     self.skipped += 1
                     continue
-                yield image, index[cls], str(file)
+                yield n, image, index[cls], str(file)
             return
-        for sample in self._raw():
+        for n, sample in enumerate(self._raw()):
+            if n % world_size != rank:
+                continue
             label = shard_label(sample, self.label_field)
             if isinstance(label, str):
                 if label not in index:
@@ -215,33 +227,27 @@ class LabelledImages:
             except Exception:
                 self.skipped += 1
                 continue
-            yield image, label, sample.get("__key__", "")
+            yield n, image, label, sample.get("__key__", "")
 
 
 # ---------------------------------------------------------------- scoring
 
-@torch.no_grad()
-def class_embeddings(model, tokenizer, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """(C, D) normalised class embeddings: each class's template embeddings averaged, as CLIP does."""
-    from open_clip import build_zero_shot_classifier
-
+def class_embeddings(model, tokenizer, classes: Sequence[str], templates, *, batch_size: int = 256) -> torch.Tensor:
+    """(C, D) normalised class embeddings: each class's prompt embeddings averaged, as CLIP does. `templates`: a
+    list with a {c} placeholder, or per-class prompt lists ({class: [prompt, ...]}). On several ranks each
+    encodes a share of the prompts (see contrastive.evaluators.encode_sharded); every rank gets all classes."""
     if isinstance(templates, dict):
-        return per_class_embeddings(model, tokenizer, [templates[c] for c in classes])
-    fns = [lambda c, t=t: t.format(c=c) for t in templates]
-    weights_DC = build_zero_shot_classifier(model, tokenizer, list(classes), fns, num_classes_per_batch=10,
-                                            device=next(model.parameters()).device)
-    return weights_DC.T.contiguous()
-
-
-@torch.no_grad()
-def per_class_embeddings(model, tokenizer, prompts_per_class: Sequence[Sequence[str]]) -> torch.Tensor:
-    """(C, D): for each class, the normalised mean of its own prompts' unit embeddings."""
-    device = next(model.parameters()).device
-    rows = []
-    for prompts in prompts_per_class:
-        feats = model.encode_text(tokenizer(list(prompts)).to(device), normalize=True)
-        rows.append(torch.nn.functional.normalize(feats.mean(dim=0), dim=-1))
-    return torch.stack(rows)
+        prompts = [(p, c) for c, cls in enumerate(classes) for p in templates[cls]]
+    else:
+        prompts = [(t.format(c=cls), c) for c, cls in enumerate(classes) for t in templates]
+    rank, world_size = rank_and_world_size()
+    encoder = FeatureEncoder(model)
+    feats_PD, owner_P = encode_sharded(
+        ((n, text, c) for n, (text, c) in enumerate(prompts) if n % world_size == rank),
+        lambda texts: encoder.encode_text(tokenizer(texts)), dummy="", batch_size=batch_size)
+    # The mean's direction: normalising makes dividing by each class's prompt count moot.
+    sums_CD = feats_PD.new_zeros((len(classes), feats_PD.shape[1])).index_add_(0, torch.tensor(owner_P), feats_PD)
+    return torch.nn.functional.normalize(sums_CD, dim=-1)
 
 
 def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> dict:
@@ -261,36 +267,34 @@ def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor) -> d
 @torch.no_grad()
 def evaluate(model, preprocess, tokenizer, images: LabelledImages, templates: Sequence[str], *,
              batch_size: int = 256, progress: bool = False) -> dict:
-    """Zero-shot classify every image; returns metrics plus the raw logits and labels."""
+    """Zero-shot classify every image; returns metrics plus the raw logits (N, C) and labels (N,).
+
+    On several ranks (inside training) each rank decodes and encodes its share of the images and every rank
+    returns the whole set's result, in sample order: that of one rank."""
+    from PIL import Image
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    weights_CD = class_embeddings(model, tokenizer, images.classes, templates)
-    logits, labels, batch, batch_labels = [], [], [], []
-
-    def flush():
-        feats = model.encode_image(torch.stack(batch).to(device), normalize=True)
-        logits.append((feats @ weights_CD.T).float().cpu())
-        labels.extend(batch_labels)
-        batch.clear()
-        batch_labels.clear()
-
-    for image, label, _ in tqdm(images, desc="zeroshot", unit="img", disable=not progress):
-        batch.append(preprocess(image))
-        batch_labels.append(label)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    model.train(was_training)
+    rank, world_size = rank_and_world_size()
+    encoder = FeatureEncoder(model)
+    try:
+        weights_CD = class_embeddings(model, tokenizer, images.classes, templates, batch_size=batch_size)
+        rows = ((n, preprocess(image), label) for n, image, label, _ in
+                tqdm(images.shard(rank=rank, world_size=world_size), desc="zeroshot", unit="img",
+                     disable=not progress))
+        feats_ND, labels = encode_sharded(rows, lambda batch: encoder.encode_image(torch.stack(batch)),
+                                          dummy=preprocess(Image.new("RGB", (8, 8))), batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    num_skipped = sum_over_ranks(images.skipped)
     if not labels:
         raise UserError(f"no readable labelled images in {images.data}")
-    logits_NC, labels_N = torch.cat(logits), torch.tensor(labels)
+    logits_NC = (feats_ND.to(encoder.device) @ weights_CD.to(encoder.device).T).cpu()
+    labels_N = torch.tensor(labels)
     metrics = classification_metrics(logits_NC, labels_N)
     return {"metrics": metrics, "logits": logits_NC, "labels": labels_N, "num_images": len(labels),
-            "num_skipped": images.skipped}
+            "num_skipped": num_skipped}
 
 
 def benchmark_json(*, dataset: str, model: str, metrics: dict, **extra) -> dict:
@@ -367,10 +371,9 @@ def predict(bundle, paths: Sequence[str], classes: Sequence[str], templates, *, 
 
     images = [read_image(p) for p in paths]  # every file is checked before any work
     model = bundle.model
-    device = next(model.parameters()).device
     weights_CD = class_embeddings(model, bundle.tokenizer, classes, templates)
-    feats = model.encode_image(torch.stack([bundle.preprocess_val(im) for im in images]).to(device), normalize=True)
-    probs_NC = (model.logit_scale.exp().reshape(()) * feats @ weights_CD.T).softmax(dim=-1).cpu()
+    feats = FeatureEncoder(model).encode_image(torch.stack([bundle.preprocess_val(im) for im in images])).cpu()
+    probs_NC = (model.logit_scale.exp().reshape(()).float().cpu() * feats @ weights_CD.T).softmax(dim=-1)
     top = probs_NC.topk(min(top_k, len(classes)), dim=-1)
     return [{"image": str(path), "predictions": [{"label": classes[int(i)], "prob": float(p)}
                                                   for p, i in zip(top.values[n], top.indices[n])]}
