@@ -327,7 +327,10 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
             preempted = step < cfg.train.steps
             break
         if evaluators and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
-            results = run_evaluators(evaluators, bundle, batch_size=cfg.eval.batch_size)
+            # Under amp_bf16 the evaluation's forwards get the training forward's autocast (DeepSpeed's engine
+            # applies it to training forwards only; evaluators call the module).
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "amp_bf16"):
+                results = run_evaluators(evaluators, bundle, batch_size=cfg.eval.batch_size)
             engine.module.train()
             logger.log({"step": step, "time_s": elapsed_before + time.perf_counter() - start, **results})
             record = {**record, **results}
