@@ -50,6 +50,14 @@ class DataConfig:
     # fast_decode and an open_clip train transform. None (default): on when training on a GPU, where the
     # normalise is free; on CPU it would move that pass into the training process.
     uint8_batches: Optional[bool] = None
+    # Decode, crop and resample JPEGs on the training device (DALI-style): the workers only read the bytes
+    # and draw each sample's crop and flip (the same draws as on the CPU path), and the training process
+    # decodes the whole batch in one torchvision decode_jpeg call (nvJPEG on CUDA), then crops, resamples
+    # (antialiased, as open_clip), flips and normalises there. Other images (PNG, WebP, CMYK, cut-off files)
+    # are still decoded in the workers; uint8_batches does not apply. Off by default: the pixels differ from
+    # the CPU path's (another decoder on CUDA, float resampling) and it pays only on a GPU, where the
+    # workers' decode and resample are the bottleneck; measured by bench/gpu_check.py.
+    decode_on_device: bool = False
 
     def __post_init__(self):
         if self.num_workers < 0:
@@ -64,6 +72,9 @@ class DataConfig:
             raise ConfigError(f"data.block_samples must be >= 0, got {self.block_samples}")
         if self.prefetch_factor < 1:
             raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.decode_on_device and not self.fast_decode:
+            raise ConfigError("data.decode_on_device=true needs data.fast_decode=true (the device path draws the "
+                              "fast transform's crops)")
         if self.uint8_batches and not self.fast_decode:
             raise ConfigError("data.uint8_batches=true needs data.fast_decode=true (the plain transform "
                               "normalises in PIL's pipeline)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -33,16 +32,20 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contrastive.config import DataConfig
+from contrastive.device_decode import JpegBatch, JpegBatchBuilder, JpegCrop, JpegDraws, decode_batch, handover_empty
 from contrastive.distributed import WorldInfo
 from contrastive.errors import UserError
 from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, read_shard, shard_sizes
-from contrastive.transforms import DecodeThen, decode_image, fast_preprocess, to_rgb
+from contrastive.transforms import DecodeThen, FastTransform, decode_image, fast_preprocess, to_rgb
 
 __all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
            "shard_sizes", "decode_image", "fast_preprocess", "to_rgb"]
 
-# Reasons a training sample is skipped.
-SKIP_REASONS = ("unreadable_shard", "missing_sample", "no_image", "no_caption", "bad_image", "bad_caption")
+# Reasons a training sample is skipped. undecodable_on_device (data.decode_on_device): an image that passed
+# the worker's JPEG header check but that no decoder could read; found only once its batch was formed, it
+# trains as a blank image (see contrastive/device_decode.py).
+SKIP_REASONS = ("unreadable_shard", "missing_sample", "no_image", "no_caption", "bad_image", "bad_caption",
+                "undecodable_on_device")
 
 
 @dataclass
@@ -166,19 +169,13 @@ class _SlotStream(IterableDataset):
             raise _Skipped("bad_image") from None
         return image, caption
 
-    def _new_batch(self, image_CHW: torch.Tensor) -> torch.Tensor:
-        """An empty (B, C, H, W) batch in the image's memory layout (planes, or channels-last for uint8 RGBX
-        pixels), so that each image is written into it as one plain copy; in a worker it lives in shared
-        memory (as DataLoader's collate does), so handing it to the training process copies nothing."""
-        image_HWC = image_CHW.permute(1, 2, 0)
-        channels_last = not image_CHW.is_contiguous() and image_HWC.is_contiguous()
-        shape = (self.spec.batch_size, *(image_HWC if channels_last else image_CHW).shape)
-        if get_worker_info() is None:
-            batch = torch.empty(shape, dtype=image_CHW.dtype)
-        else:
-            storage = image_CHW._typed_storage()._new_shared(math.prod(shape), device=image_CHW.device)
-            batch = image_CHW.new(storage).resize_(shape)
-        return batch.permute(0, 3, 1, 2) if channels_last else batch
+    def _new_batch(self, image: torch.Tensor | JpegCrop) -> "_PixelBatch | JpegBatchBuilder":
+        """An empty batch for samples like the first one; in a worker it lives in shared memory (as
+        DataLoader's collate does), so handing it to the training process copies nothing."""
+        shared = get_worker_info() is not None
+        if isinstance(self.spec.transform, JpegDraws):
+            return JpegBatchBuilder(batch_size=self.spec.batch_size, shared=shared)
+        return _PixelBatch(image, batch_size=self.spec.batch_size, shared=shared)
 
     def __iter__(self):
         spec, plan = self.spec, self.spec.plan
@@ -187,7 +184,7 @@ class _SlotStream(IterableDataset):
         worker = (worker_id + spec.worker_offset) % num_workers
         state = spec.slots[worker]
         skipped = dict(state.skipped)
-        images_BCHW, captions, keys, classes = None, [], [], []
+        images, captions, keys, classes = None, [], [], []
         # Without DataLoader workers this runs in the training process: per-sample seeding must not move the
         # training's own random streams, so they are saved when a batch starts and restored before it is yielded.
         saved = None
@@ -196,23 +193,23 @@ class _SlotStream(IterableDataset):
                 if info is None and saved is None:
                     saved = (torch.get_rng_state(), random.getstate())
                 seed = make_seed(plan.seed, epoch, plan.rank, worker, block, index)
-                slot = images_BCHW[len(captions)] if images_BCHW is not None else None
+                slot = images.slot(len(captions)) if images is not None else None
                 try:
                     image, caption = self._process(sample, seed, slot)
                 except _Skipped as e:
                     skipped[e.reason] = skipped.get(e.reason, 0) + 1
                     continue
-                if images_BCHW is None:
-                    images_BCHW = self._new_batch(image)
-                    images_BCHW[0].copy_(image)
+                if images is None:
+                    images = self._new_batch(image)
+                images.put(len(captions), image)
                 captions.append(caption)
                 keys.append(f"{sample.get('__url__')}#{sample.get('__key__')}")
                 classes.append(self._class_id(sample))
                 if len(captions) == spec.batch_size:
                     meta = {"worker": worker, "position": after, "skipped": dict(skipped), "keys": keys,
                             "classes": torch.tensor(classes, dtype=torch.int64)}
-                    batch = images_BCHW, spec.tokenizer(captions), meta
-                    images_BCHW, captions, keys, classes = None, [], [], []
+                    batch = images.finish(), spec.tokenizer(captions), meta
+                    images, captions, keys, classes = None, [], [], []
                     if saved is not None:
                         torch.set_rng_state(saved[0])
                         random.setstate(saved[1])
@@ -222,6 +219,30 @@ class _SlotStream(IterableDataset):
             if saved is not None:
                 torch.set_rng_state(saved[0])
                 random.setstate(saved[1])
+
+
+class _PixelBatch:
+    """A (B, C, H, W) batch of pixel tensors in the first image's memory layout (planes, or channels-last for
+    uint8 RGBX pixels), so that each image is written into it as one plain copy, or by the transform itself."""
+
+    def __init__(self, image_CHW: torch.Tensor, *, batch_size: int, shared: bool):
+        image_HWC = image_CHW.permute(1, 2, 0)
+        channels_last = not image_CHW.is_contiguous() and image_HWC.is_contiguous()
+        shape = (batch_size, *(image_HWC if channels_last else image_CHW).shape)
+        batch = handover_empty(shape, image_CHW.dtype, shared=shared)
+        self.images_BCHW = batch.permute(0, 3, 1, 2) if channels_last else batch
+
+    def slot(self, index: int) -> torch.Tensor:
+        """Where the transform may write sample `index` (as `out`)."""
+        return self.images_BCHW[index]
+
+    def put(self, index: int, image_CHW: torch.Tensor) -> None:
+        row = self.images_BCHW[index]
+        if image_CHW.data_ptr() != row.data_ptr():  # not written in place
+            row.copy_(image_CHW)
+
+    def finish(self) -> torch.Tensor:
+        return self.images_BCHW
 
 
 class CachedTokenizer:
@@ -285,7 +306,15 @@ class TrainLoader:
                          shuffle_buffer=cfg.shuffle_buffer)
         self.transform = fast_preprocess(preprocess) if cfg.fast_decode else DecodeThen(preprocess)
         want_uint8 = on_gpu if cfg.uint8_batches is None else cfg.uint8_batches
-        if want_uint8 and hasattr(self.transform, "as_uint8"):
+        if cfg.decode_on_device:
+            fast = self.transform
+            if not isinstance(fast, FastTransform) or fast.kind != "crop":
+                raise UserError("data.decode_on_device=true needs the model's plain open_clip train transform "
+                                "(a random resized crop; this one has other steps such as colour jitter): set it "
+                                "to false")
+            self.device_transform = fast
+            self.transform = JpegDraws(fast.as_uint8())
+        elif want_uint8 and hasattr(self.transform, "as_uint8"):
             self.transform = self.transform.as_uint8()
         elif cfg.uint8_batches:
             raise UserError("data.uint8_batches=true needs the model's plain open_clip transform (this one has "
@@ -296,6 +325,7 @@ class TrainLoader:
         self.seed, self.world, self.on_gpu = seed, world, on_gpu
         self.num_workers = num_workers
         self.slots = [SlotState() for _ in range(max(1, num_workers))]
+        self.num_undecodable_on_device = 0  # counted by to_device, in the order batches are consumed
         self.num_batches = 0
         self.last_keys: list[str] = []
         self.last_classes = torch.empty(0, dtype=torch.int64)
@@ -325,10 +355,17 @@ class TrainLoader:
         total = sum(chances)
         return [c / total for c in chances]
 
-    def to_device(self, images_BCHW: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A batch on the training device as the model takes it: uint8 batches (data.uint8_batches: RGBX pixels
-        in channels-last memory) are moved, then normalised there into plain (B, 3, H, W) planes, bit for bit
-        what the workers would have written; float batches are moved."""
+    def to_device(self, images_BCHW: torch.Tensor | JpegBatch, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """A batch on the training device as the model takes it: JPEG batches (data.decode_on_device) are
+        decoded, cropped, resampled and normalised there (contrastive/device_decode.py); uint8 batches
+        (data.uint8_batches: RGBX pixels in channels-last memory) are moved, then normalised there into plain
+        (B, 3, H, W) planes, bit for bit what the workers would have written; float batches are moved."""
+        if isinstance(images_BCHW, JpegBatch):
+            images_BCHW, num_undecodable = decode_batch(images_BCHW, fast=self.device_transform, device=device,
+                                                        dtype=dtype)
+            self.num_undecodable_on_device += num_undecodable
+            return images_BCHW
         if images_BCHW.dtype != torch.uint8:
             return images_BCHW.to(device, dtype=dtype, non_blocking=True)
         return self.transform.normalize.normalize_batch(images_BCHW.to(device, non_blocking=True)).to(dtype)
@@ -350,6 +387,8 @@ class TrainLoader:
         for slot in self.slots:
             for reason, count in slot.skipped.items():
                 totals[reason] = totals.get(reason, 0) + count
+        if self.num_undecodable_on_device:
+            totals["undecodable_on_device"] = self.num_undecodable_on_device
         return dict(sorted(totals.items()))
 
     @property
@@ -364,7 +403,8 @@ class TrainLoader:
         return {"version": 2, "resampled": self.plan.resampled, "num_workers": self.num_workers,
                 "world_size": self.world.world_size, "rank": self.world.rank, "seed": self.seed,
                 "data": self._fingerprint(), "num_batches": self.num_batches,
-                "slots": [s.as_dict() for s in self.slots]}
+                "slots": [s.as_dict() for s in self.slots],
+                "num_undecodable_on_device": self.num_undecodable_on_device}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 2:
@@ -378,6 +418,7 @@ class TrainLoader:
             raise UserError("cannot resume the data stream exactly: data.train names other shards (or shards of "
                             "other sizes) than the checkpoint's run; train on the same shards to resume")
         self.num_batches = int(state["num_batches"])
+        self.num_undecodable_on_device = int(state.get("num_undecodable_on_device", 0))
         self.slots = [SlotState(s["epoch"], s["block"], s["offset"], dict(s["skipped"])) for s in state["slots"]]
 
     # -- iteration

@@ -60,6 +60,18 @@ class ToNormalizedTensor:
     def __init__(self, mean, std):
         self.mean_C11 = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
         self.inv_std_C11 = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on_device": {}}  # DataLoader workers get the CPU constants only
+
+    def constants_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(255 mean, 1 / (255 std)) as (C, 1, 1) float32 on `device`, copied there once: a copy from pageable
+        host memory each batch would make the host wait for the device."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = self.mean_C11.to(device), self.inv_std_C11.to(device)
+        return self._on_device[device]
 
     def normalize_into(self, pixels_CHW: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 (C, H, W) pixels, any memory layout -> normalised float32 (C, H, W), written into `out`."""
@@ -69,7 +81,7 @@ class ToNormalizedTensor:
     def normalize_batch(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) batch in any memory layout, on any device -> the contiguous float32 batch
         normalize_into gives, bit for bit. Extra channels past C (the padding of RGBX pixels) are dropped."""
-        mean, inv_std = self.mean_C11.to(pixels_BCHW.device), self.inv_std_C11.to(pixels_BCHW.device)
+        mean, inv_std = self.constants_on(pixels_BCHW.device)
         pixels_BCHW = pixels_BCHW[:, :mean.shape[0]]
         return pixels_BCHW.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).mul_(inv_std)
 
@@ -228,6 +240,13 @@ class FastTransform:
                                crop_hw=crop_hw)
         return None
 
+    def draw(self, *, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """A training sample's random draws for an image of the given stored size: ((top, left, crop_h, crop_w),
+        flipped), from torch's default generator in RandomResizedCrop's then RandomHorizontalFlip's order (the
+        flip is drawn only when hflip > 0, as open_clip's Compose has no flip step otherwise)."""
+        box = random_resized_crop_params(height=height, width=width, scale=self.scale, ratio=self.ratio)
+        return box, bool(self.hflip) and bool(torch.rand(1) < self.hflip)
+
     def _resized_hw(self, height: int, width: int) -> tuple[int, int]:
         """torchvision's Resize output size: an int sets the shorter side (the longer one truncated)."""
         if isinstance(self.resize, tuple):
@@ -243,8 +262,7 @@ class FastTransform:
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         if self.kind == "crop":
-            top, left, crop_h, crop_w = random_resized_crop_params(height=height, width=width, scale=self.scale,
-                                                                   ratio=self.ratio)
+            (top, left, crop_h, crop_w), flip = self.draw(height=height, width=width)
             room = min(crop_h / self.size_hw[0], crop_w / self.size_hw[1])
         else:
             resized_hw = self._resized_hw(height, width)
@@ -260,7 +278,7 @@ class FastTransform:
             # A crop view's rows are not adjacent, which would send the resampling down a slower path.
             x = x[..., y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
             x = F.interpolate(x, size=self.size_hw, mode=self.mode, antialias=True)
-            if self.hflip and torch.rand(1) < self.hflip:  # RandomHorizontalFlip's draw, after the crop's
+            if flip:
                 x = x.flip(-1)
         else:
             x = F.interpolate(x, size=resized_hw, mode=self.mode, antialias=True)
