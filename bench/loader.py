@@ -20,8 +20,16 @@ shared machine move far less than the wall clock.
     decode_only  `loader` with the transform cut down to decoding (a 1-pixel placeholder as the image): the
               most any augmentation can leave, i.e. the ceiling less the loader's own per-sample work
               (shuffle buffer, seeding, captions, batches, tokenising)
+    device_decode `loader` with data.decode_on_device=true: the worker reads each JPEG's size from its header,
+              draws the crop and flip, and packs the batch's bytes; decoding, cropping and resampling move
+              to the training device (contrastive/device_decode.py), which this does not time: what a GPU
+              trainer sees of its workers. Not to be read against the ceiling, which includes the decode.
+    device_decode_per_batch (reported apart) the training process's side of it on this CPU, for reference:
+              TrainLoader.to_device on each batch (libjpeg-turbo decode of the batch, crop, float32
+              antialiased resample, flip, normalise) with torch on one thread, in ms per batch and us per image
 
-    *_worker  (--worker) `loader` and `uint8` produced by one DataLoader worker process, as training runs them:
+    *_worker  (--worker) `loader`, `uint8` and `device_decode` produced by one DataLoader worker process, as
+              training runs them:
               batches in fresh shared memory, handed over a pipe; the clock starts as for `loader`, with at
               most one more batch already waiting (prefetch_factor=1)
 
@@ -129,10 +137,8 @@ class Planar:
         return pixels.contiguous() if out is None else out.copy_(pixels)
 
 
-def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int, uint8: bool = False,
-                workers: int = 0, transform=None) -> float:
-    """Images/s of a TrainLoader in steady state; `transform` (the loader's transform -> another) swaps
-    in another per-sample transform."""
+def _loader(spec: str, *, model: str, fast: bool, batch: int, uint8: bool = False, workers: int = 0,
+            device_decode: bool = False):
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -144,23 +150,55 @@ def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: in
     size = get_open_clip_config(model)["vision_cfg"]["image_size"]
     preprocess = image_transform_v2(PreprocessCfg(size=size), is_train=True)
     cfg = DataConfig(train=spec, num_workers=workers, shuffle_buffer=1000, fast_decode=fast, uint8_batches=uint8,
+                     decode_on_device=device_decode,
                      prefetch_factor=1)  # with a worker: at most one batch ready when the clock starts
-    loader = TrainLoader(cfg, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
-                         batch_size_per_rank=batch, seed=0, world=WorldInfo())
+    return TrainLoader(cfg, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model),
+                       batch_size_per_rank=batch, seed=0, world=WorldInfo())
+
+
+def _steady(loader, batch: int):
+    """The loader's batches once its shuffle buffer is full.
+
+    webdataset's shuffle buffer starts yielding at 100 samples and grows by one per sample yielded (reading
+    two), so it is full only once `shuffle_buffer` samples are out; from then on the loader reads one sample
+    per sample it yields, as through a whole run, and as the ceiling does."""
+    batches = iter(loader)
+    for _ in range(math.ceil(loader.cfg.shuffle_buffer / batch) + 1):
+        next(batches)
+    return batches
+
+
+def rate_loader(spec: str, num_images: int, *, model: str, fast: bool, batch: int, uint8: bool = False,
+                workers: int = 0, transform=None, device_decode: bool = False) -> float:
+    """Images/s of a TrainLoader in steady state; `transform` (the loader's transform -> another) swaps
+    in another per-sample transform."""
+    loader = _loader(spec, model=model, fast=fast, batch=batch, uint8=uint8, workers=workers,
+                     device_decode=device_decode)
     if transform is not None:
         loader.transform = transform(loader.transform)
-    batches = iter(loader)
-    # Steady state: webdataset's shuffle buffer starts yielding at 100 samples and grows by one per sample
-    # yielded (reading two), so it is full only once `shuffle_buffer` samples are out; from then on the
-    # loader reads one sample per sample it yields, as through a whole run, and as the ceiling does.
-    for _ in range(math.ceil(cfg.shuffle_buffer / batch) + 1):
-        next(batches)
+    batches = _steady(loader, batch)
     done, clock = 0, Clock()
     for images, tokens in batches:
         done += len(images)
         if done >= num_images:
             break
     return clock.rates(done)
+
+
+def device_decode_cost(spec: str, num_images: int, *, model: str, batch: int) -> dict[str, float]:
+    """The training process's side of data.decode_on_device on this CPU (TrainLoader.to_device on each
+    batch), per batch and per image, CPU time of this process; the batches are made first, untimed."""
+    import torch
+
+    loader = _loader(spec, model=model, fast=True, batch=batch, device_decode=True)
+    batches = _steady(loader, batch)
+    jpeg_batches = [next(batches)[0] for _ in range(max(1, num_images // batch))]
+    start = time.process_time()
+    for jpegs in jpeg_batches:
+        loader.to_device(jpegs, torch.device("cpu"), torch.float32)
+    per_batch = (time.process_time() - start) / len(jpeg_batches)
+    return {"ms_per_batch": round(per_batch * 1e3, 1), "us_per_image": round(per_batch / batch * 1e6, 1),
+            "batch": batch}
 
 
 def stage_costs(spec: str, num_images: int, *, model: str, batch: int) -> dict[str, float]:
@@ -241,7 +279,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="batch size of the loader")
     parser.add_argument("--work", type=Path, default=Path("/tmp/contrastive-bench-loader"), help="cache folder")
     parser.add_argument("--worker", action="store_true",
-                        help="also time loader and uint8 in one DataLoader worker (the training process's side idle)")
+                        help="also time loader, uint8 and device_decode in one DataLoader worker (the training "
+                             "process's side idle)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
@@ -258,12 +297,16 @@ def main() -> None:
                                             uint8=True, transform=Planar),
         "decode_only": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch,
                                            transform=lambda _: decode_only),
+        "device_decode": lambda: rate_loader(spec, args.images, model=args.model, fast=True, batch=args.batch,
+                                             device_decode=True),
     }
     if args.worker:  # the same loaders in one real DataLoader worker: batches in fresh shared memory, pickled over
         variants["loader_worker"] = lambda: rate_loader(spec, args.images, model=args.model, fast=True,
                                                         batch=args.batch, workers=1)
         variants["uint8_worker"] = lambda: rate_loader(spec, args.images, model=args.model, fast=True,
                                                        batch=args.batch, uint8=True, workers=1)
+        variants["device_decode_worker"] = lambda: rate_loader(spec, args.images, model=args.model, fast=True,
+                                                               batch=args.batch, device_decode=True, workers=1)
     for fn in variants.values():  # warm up imports, caches and the page cache
         fn()
     rates = {name: [] for name in variants}
@@ -285,16 +328,22 @@ def main() -> None:
         "uint8_vs_ceiling": round(median["uint8"] / median["ceiling"], 3),
         "decode_only_vs_ceiling": round(median["decode_only"] / median["ceiling"], 3),
         "uint8_vs_uint8_planar": round(median["uint8"] / median["uint8_planar"], 3),
+        "device_decode_vs_uint8": round(median["device_decode"] / median["uint8"], 3),
         **{f"{k}_vs_ceiling": round(median[k] / median["ceiling"], 3) for k in ("loader_worker", "uint8_worker")
            if k in median},
+        **({"device_decode_worker_vs_uint8_worker": round(median["device_decode_worker"] / median["uint8_worker"], 3)}
+           if "device_decode_worker" in median else {}),
         "rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         # the in-process variants again, per CPU second: other jobs on the machine move these far less
         "images_per_cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "vs_ceiling_cpu": {k: round(v / cpu["ceiling"], 3) for k, v in cpu.items() if k != "ceiling"},
         "uint8_vs_uint8_planar_cpu": round(cpu["uint8"] / cpu["uint8_planar"], 3),
+        "device_decode_vs_uint8_cpu": round(cpu["device_decode"] / cpu["uint8"], 3),
         "rounds_cpu": {k: [round(x, 1) for x in v] for k, v in cpu_rates.items()},
     }
     result["us_per_image_by_step"] = stage_costs(spec, min(args.images, 1000), model=args.model, batch=args.batch)
+    result["device_decode_per_batch"] = device_decode_cost(spec, min(args.images, 1000), model=args.model,
+                                                           batch=args.batch)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

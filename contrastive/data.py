@@ -65,7 +65,7 @@ class StreamSpec:
     slots: list[SlotState]
     worker_offset: int
     batch_size: int
-    transform: Callable  # (image bytes, out=None) -> (C, H, W) tensor
+    transform: Callable  # (image bytes, out=None) -> (C, H, W) tensor, or a JpegCrop (data.decode_on_device)
     tokenizer: Callable
     image_key: str
     caption_key: str
@@ -81,7 +81,8 @@ def _first_key(sample: dict, keys: str):
 
 
 class _SlotStream(IterableDataset):
-    """One slot's batches: (images_BCHW, tokens_BL, meta) with meta holding the position after the batch."""
+    """One slot's batches: (images_BCHW, tokens_BL, meta) with meta holding the position after the batch; the
+    images are a JpegBatch with data.decode_on_device."""
 
     def __init__(self, spec: StreamSpec):
         super().__init__()
@@ -174,7 +175,7 @@ class _SlotStream(IterableDataset):
         DataLoader's collate does), so handing it to the training process copies nothing."""
         shared = get_worker_info() is not None
         if isinstance(self.spec.transform, JpegDraws):
-            return JpegBatchBuilder(batch_size=self.spec.batch_size, shared=shared)
+            return JpegBatchBuilder(shared=shared)
         return _PixelBatch(image, batch_size=self.spec.batch_size, shared=shared)
 
     def __iter__(self):

@@ -243,7 +243,7 @@ class FastTransform:
     def draw(self, *, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
         """A training sample's random draws for an image of the given stored size: ((top, left, crop_h, crop_w),
         flipped), from torch's default generator in RandomResizedCrop's then RandomHorizontalFlip's order (the
-        flip is drawn only when hflip > 0, as open_clip's Compose has no flip step otherwise)."""
+        flip only when hflip > 0: nothing is drawn after it, so a draw left out changes no other)."""
         box = random_resized_crop_params(height=height, width=width, scale=self.scale, ratio=self.ratio)
         return box, bool(self.hflip) and bool(torch.rand(1) < self.hflip)
 

@@ -107,12 +107,19 @@ def test_jpeg_size_is_the_decoded_size_and_refuses_what_the_device_may_not_read(
         data = _image_bytes(i)
         assert jpeg_size(data) == Image.open(io.BytesIO(data)).size[::-1]
     jpeg = _image_bytes(0)
-    eoi_cut = jpeg[:-2]
     assert jpeg_size(jpeg + b"\0" * 7) == (80, 96)  # data after the end marker, as some cameras write
+    # Colour codings libjpeg reads as RGB where nvJPEG would convert from YCbCr: an Adobe marker with
+    # transform 0, or components named 'R', 'G', 'B'.
+    adobe_rgb = jpeg[:2] + b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" + jpeg[2:]
+    assert jpeg_size(adobe_rgb[:17] + b"\x01" + adobe_rgb[18:]) == (80, 96)  # transform 1: YCbCr
+    sof = jpeg.index(b"\xff\xc0")
+    named_rgb = bytearray(jpeg)
+    named_rgb[sof + 10:sof + 19:3] = b"RGB"
     for bytes_left_to_the_cpu in (
             _encode(_picture(40, 30, 0), "PNG"), _encode(_picture(40, 30, 0), "WEBP"),
             _encode(_picture(40, 30, 0).convert("CMYK"), quality=90),  # 4 components
-            jpeg[:len(jpeg) // 2], eoi_cut,  # cut off
+            adobe_rgb, bytes(named_rgb),
+            jpeg[:len(jpeg) // 2], jpeg[:-2],  # cut off
             b"\xff\xd8 not a jpeg", b"", b"\xff\xd8"):
         assert jpeg_size(bytes_left_to_the_cpu) is None
 
