@@ -137,8 +137,8 @@ def handover_empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool) 
 class JpegBatchBuilder:
     """Collects a batch's samples (JpegCrop or RGBX pixels, in order) and packs them into a JpegBatch."""
 
-    def __init__(self, *, batch_size: int, shared: bool):
-        self.batch_size, self.shared = batch_size, shared
+    def __init__(self, *, shared: bool):
+        self.shared = shared
         self.samples: list[JpegCrop | torch.Tensor] = []
 
     def slot(self, index: int) -> None:
