@@ -22,8 +22,15 @@ For each model (random init, 224 px), in one process:
                     fast-ds_allreduce    DeepSpeed's flatten/all-reduce/copy of every gradient on a single rank
     end to end  from pre-resized shards (synthetic 224 px JPEGs unless --shards): `fast` through
                 contrastive.train.train() itself (our loader, logging, checkpointing), against open_clip's
-                train_one_epoch fed by open_clip_train's WebDataset pipeline, rebuilt with webdataset 1.x's API
+                train_one_epoch fed by open_clip_train's WebDataset pipeline, rebuilt with webdataset 1.x's API.
+                Both sides are timed alike: --warmup steps first (loader start-up, shuffle-buffer fill and
+                compilation fall there, and are reported as warmup_s), then --steps timed steps; with
+                --e2e-rounds N the two sides alternate N times and each row is the median round
     max batch   the largest per-GPU batch whose step fits with loss.name=infonce_tiled (fast settings, eager)
+
+Our rows run with train.dedupe_captions=false: open_clip has no such option, and web captions do not repeat
+(the synthetic shards' captions do, and deduplicating them would also change the text batch's shape from step
+to step, which makes a compiled text tower compile again at the second step).
 
 Every row reports samples/s, the ratio to open_clip's in this run, MFU, peak memory and host syncs per step
 (CUDA's sync debug mode on a GPU; on a CPU, the tensor-to-host reads that would wait for a GPU, which also
@@ -33,6 +40,8 @@ host-to-device copies). Results go to a JSON file whose path is printed.
     python bench/gpu_throughput.py                        # both models, every row (each compiled row compiles)
     python bench/gpu_throughput.py --models ViT-B-16 --no-max-batch
     python bench/gpu_throughput.py --tiny                 # the same code on a CPU, tiny model: a minute or two
+    python bench/gpu_throughput.py --tiny --e2e-rounds 3 --no-max-batch --variants fast
+                                                          # the step and end-to-end ratios of `fast` on a CPU
     python bench/gpu_throughput.py --tiny --models ViT-B-32 --batch-size 4 --no-e2e --no-max-batch
                                                           # host syncs per step of the real model, on a CPU
 """
@@ -89,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end rows")
     p.add_argument("--shards", default="", help="pre-resized shards for end to end (default: synthetic, made once)")
     p.add_argument("--e2e-samples", type=int, help="synthetic shard samples to make (default 4096)")
+    p.add_argument("--e2e-rounds", type=int, default=1,
+                   help="end-to-end rounds, open_clip and ours alternating; rows are the median round (default 1)")
     p.add_argument("--num-workers", type=int, help="loader workers on both sides (default: cores - 2, at most 12)")
     p.add_argument("--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search")
     p.add_argument("--max-batch-limit", type=int, help="stop the search there (default 65536)")
@@ -98,16 +109,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="JSON results (default WORK/gpu_throughput.json)")
     p.add_argument("--profile", action="store_true",
                    help="also profile 3 `fast` steps per model: WORK/profile_MODEL.json (Chrome trace), .txt (top ops)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads, both sides (default: torch's own; --tiny: 1, so that other processes on a "
+                        "shared machine cannot stall one of a step's OpenMP threads and with it the whole step)")
     p.add_argument("--tiny", action="store_true",
-                   help="CPU run, by default a smoke run: tiny-vit-32, batch 8, 2 steps, sync every 2, compile backend "
-                        "eager, 64 synthetic 32 px samples, no loader workers, batch search up to 16 in steps of 8")
+                   help="CPU run, by default a smoke run: tiny-vit-32, batch 8, 3 warmup and 12 timed steps, sync every "
+                        "2, compile backend eager, 64 synthetic 32 px samples, no loader workers, 1 thread, batch "
+                        "search up to 16 in steps of 8")
     args = p.parse_args(argv)
     defaults = dict(models="ViT-B-32,ViT-B-16", batch_size=256, warmup=10, steps=40, sync_every=10,
                     compile_backend="inductor", e2e_samples=4096, max_batch_limit=65536, max_batch_step=64,
                     num_workers=max(1, min(12, (os.cpu_count() or 2) - 2)))
     if args.tiny:
-        defaults.update(models="tiny-vit-32", batch_size=8, warmup=1, steps=2, sync_every=2, compile_backend="eager",
-                        e2e_samples=64, num_workers=0, max_batch_limit=16, max_batch_step=8)
+        # 3 warmup steps: the first compiles, and the timed window must hold more than a step or two to
+        # say anything on a CPU whose other tenants come and go.
+        defaults.update(models="tiny-vit-32", batch_size=8, warmup=3, steps=12, sync_every=2, compile_backend="eager",
+                        e2e_samples=64, num_workers=0, max_batch_limit=16, max_batch_step=8, threads=1)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -115,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [v for v in args.variants.split(",") if v and v not in OUR_VARIANTS]
     if unknown:
         p.error(f"unknown --variants {unknown}; choose from {', '.join(OUR_VARIANTS)}")
+    if args.e2e_rounds < 1:
+        p.error("--e2e-rounds must be >= 1")
     return args
 
 
@@ -173,27 +192,29 @@ def matmul_flops_per_s(device: torch.device, *, tiny: bool) -> dict:
 
 
 class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts tensor -> Python number reads (item(), bool(), float(), tolist() of one element...)."""
+    """Calls `on_read()` at each tensor -> Python number read (item(), bool(), float(), tolist() of one element...)."""
 
-    def __init__(self):
+    def __init__(self, on_read):
         super().__init__()
-        self.count = 0
+        self.on_read = on_read
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
-            self.count += 1
+            self.on_read()
         return func(*args, **(kwargs or {}))
 
 
-def count_host_syncs(device: torch.device, run) -> int:
-    """Host syncs while `run()` runs: CUDA's sync debug mode on a GPU; on a CPU, the reads that would wait for a
-    GPU there: scalar reads (item(), bool(), float()) and tolist()/cpu()/numpy() of a tensor."""
+@contextlib.contextmanager
+def host_sync_watch(device: torch.device, on_sync):
+    """Calls `on_sync()` at each host sync while the block runs: CUDA's sync debug mode on a GPU (each
+    synchronizing CUDA operation); on a CPU, the reads that would wait for a GPU there: scalar reads (item(),
+    bool(), float()) and tolist()/cpu()/numpy() of a tensor. Other warnings pass through as usual."""
     if device.type != "cuda":
-        mode, patched = _ScalarReads(), {}
+        patched = {}
 
         def counting(name):
             def method(self, *args, **kwargs):
-                mode.count += 1
+                on_sync()
                 return patched[name](self, *args, **kwargs)
             return method
 
@@ -202,21 +223,41 @@ def count_host_syncs(device: torch.device, run) -> int:
             patched[name] = getattr(torch.Tensor, name)
             setattr(torch.Tensor, name, counting(name))
         try:
-            with mode:
-                run()
+            with _ScalarReads(on_sync):
+                yield
         finally:
             for name, method in patched.items():
                 setattr(torch.Tensor, name, method) if own[name] else delattr(torch.Tensor, name)
-        return mode.count
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        return
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                on_sync()
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.filterwarnings("always", message=".*synchroniz")  # every one, not once per place
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run()
-            synchronize(device)
+            yield
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def count_host_syncs(device: torch.device, run) -> int:
+    """Host syncs while `run()` runs (see host_sync_watch); the device is drained outside the count."""
+    count = [0]
+
+    def hit():
+        count[0] += 1
+
+    with host_sync_watch(device, hit):
+        run()
+    synchronize(device)
+    return count[0]
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -292,9 +333,10 @@ def our_config(args, model_name: str, overrides: list[str], batch: int, extra: l
     from contrastive.config import load_config
 
     filled = [o.format(sync_every=args.sync_every) for o in overrides]
+    # No caption dedupe: open_clip has none, and it is no lever on web captions (see the module docstring).
     return load_config(None, [f"model.name={model_name}", f"train.batch_size={batch}", f"loss.name={args.loss}",
                               f"optim.grad_clip={args.grad_clip}", f"model.compile_backend={args.compile_backend}",
-                              "eval.evaluators=[]", *filled, *extra])
+                              "eval.evaluators=[]", "train.dedupe_captions=false", *filled, *extra])
 
 
 def _undo(engine, what: str | None) -> None:
@@ -336,18 +378,19 @@ def run_ours(engine, cfg, batches, num_steps: int) -> None:
 
 
 def time_steps(run, *, warmup: int, steps: int, batch: int, device, sync_probe_steps: int) -> dict:
-    """samples/s of `run(n)` over `steps` steps after `warmup`, peak memory, and host syncs per step."""
+    """samples/s of `run(n)` over `steps` steps after `warmup` (also on this process's CPU clock), peak memory,
+    and host syncs per step."""
     run(warmup)
     synchronize(device)
     reset_peak_memory(device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     run(steps)
     synchronize(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     peak = peak_memory_gib(device)
     syncs = count_host_syncs(device, lambda: run(sync_probe_steps))
     return {"samples_per_s": steps * batch / seconds, "step_s": seconds / steps, "peak_mem_gib": peak,
-            "host_syncs_per_step": syncs / sync_probe_steps}
+            "host_syncs_per_step": syncs / sync_probe_steps, "cpu_samples_per_s": steps * batch / cpu_seconds}
 
 
 def profile_steps(run, *, device, path: Path, num_steps: int = 3) -> dict:
@@ -455,8 +498,24 @@ def openclip_wds_loader(spec: str, preprocess, tokenizer, *, batch: int, num_wor
                          persistent_workers=num_workers > 0)
 
 
-def e2e_ours(args, model_name: str, spec: str, world, run_dir: Path) -> dict:
-    """`fast` through contrastive.train.train(): samples/s between the first and the last log record."""
+@contextlib.contextmanager
+def _records_stamped_with_cpu_clock():
+    """metrics.jsonl records also carry this process's CPU clock (cpu_s): with the loader in this process (no
+    workers, as --tiny), rates on it are what other processes on a shared machine cannot stretch."""
+    from contrastive.metrics import MetricsLogger
+
+    log = MetricsLogger.log
+    MetricsLogger.log = lambda self, record: log(self, {**record, "cpu_s": time.process_time()})
+    try:
+        yield
+    finally:
+        MetricsLogger.log = log
+
+
+def e2e_ours(args, model_name: str, spec: str, world, run_dir: Path, extra: list[str] = ()) -> dict:
+    """`fast` (+ `extra` overrides) through contrastive.train.train(): samples/s between the log records at the
+    end of the warmup and at the end of the timed steps; warmup_s is the first record's clock (train's clock
+    starts before the loader's first batch is asked for, so the loader's start-up is in it)."""
     from contrastive.train import train
 
     window = max(1, args.warmup)
@@ -465,35 +524,81 @@ def e2e_ours(args, model_name: str, spec: str, world, run_dir: Path) -> dict:
                      [f"data.train={spec}", f"data.num_workers={args.num_workers}", f"train.steps={window + timed}",
                       f"train.log_every={window}", f"train.checkpoint_every={window + timed}",
                       "train.keep_checkpoints=1",
-                      "data.shuffle_buffer=64" if args.tiny else "data.shuffle_buffer=1000"])
+                      "data.shuffle_buffer=64" if args.tiny else "data.shuffle_buffer=1000", *extra])
     shutil.rmtree(run_dir, ignore_errors=True)
-    train(cfg, run_dir, progress=False)
+    with _records_stamped_with_cpu_clock():
+        train(cfg, run_dir, progress=False)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "samples_per_s" in r]
     first, last = records[0], records[-1]
     later = records[1:]
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"samples_per_s": (last["step"] - first["step"]) * args.batch_size / (last["time_s"] - first["time_s"]),
+    samples = (last["step"] - first["step"]) * args.batch_size
+    return {"samples_per_s": samples / (last["time_s"] - first["time_s"]),
+            "cpu_samples_per_s": samples / (last["cpu_s"] - first["cpu_s"]),
             "data_wait_s_per_step": sum(r["data_wait_s"] for r in later) / len(later),
-            "steps": last["step"] - first["step"]}
+            "steps": last["step"] - first["step"], "warmup_steps": first["step"], "warmup_s": first["time_s"],
+            "dedupe_captions": cfg.train.dedupe_captions}
 
 
 def e2e_openclip(args, model_name: str, spec: str, device) -> dict:
+    """open_clip_train's train_one_epoch fed by its WebDataset pipeline: --warmup steps (the loader's start-up
+    and shuffle fill, compilation: warmup_s), then --steps timed steps."""
     import open_clip
 
     parts = build_openclip(model_name, args, device)
+    t_start = time.perf_counter()
     loader = openclip_wds_loader(spec, parts[1], open_clip.get_tokenizer(model_name), batch=args.batch_size,
                                  num_workers=args.num_workers, tiny=args.tiny)
-    batches = iter(loader)
+    waited = [0.0]
+
+    def timed(batches):  # the time train_one_epoch waits for its loader: our rows' data_wait_s
+        while True:
+            t = time.perf_counter()
+            batch = next(batches)
+            waited[0] += time.perf_counter() - t
+            yield batch
+
+    batches = timed(iter(loader))
     run = lambda n: run_openclip(parts, batches, n, args.batch_size)  # noqa: E731
     run(max(1, args.warmup))
     synchronize(device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    waited[0] = 0.0
     run(args.steps)
     synchronize(device)
-    out = {"samples_per_s": args.steps * args.batch_size / (time.perf_counter() - t0), "steps": args.steps}
+    out = {"samples_per_s": args.steps * args.batch_size / (time.perf_counter() - t0), "steps": args.steps,
+           "cpu_samples_per_s": args.steps * args.batch_size / (time.process_time() - cpu0),
+           "data_wait_s_per_step": waited[0] / args.steps, "warmup_steps": max(1, args.warmup),
+           "warmup_s": t0 - t_start}
     parts = batches = loader = None  # frees the model and the loader's workers
     return out
+
+
+def _median_round(rounds: list[dict]) -> dict:
+    """The round of median samples/s (the lower of the middle two for an even count), with every round's rate."""
+    ranked = sorted(rounds, key=lambda r: r["samples_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds_samples_per_s": [r["samples_per_s"] for r in rounds]}
+
+
+def end_to_end(args, model_name: str, spec: str, world, device, *, ours: dict[str, list[str]],
+               mfu=None) -> dict:
+    """open_clip's end-to-end row and one row of ours per entry of `ours` (name -> extra overrides of `fast`),
+    in --e2e-rounds alternating rounds (each row the median round); ratios against open_clip's row."""
+    rounds: dict[str, list[dict]] = {"open_clip": [], **{name: [] for name in ours}}
+    for _ in range(args.e2e_rounds):
+        rounds["open_clip"].append(e2e_openclip(args, model_name, spec, device))
+        release(device)
+        for name, extra in ours.items():
+            rounds[name].append(e2e_ours(args, model_name, spec, world, Path(args.work) / "e2e_run", extra))
+            release(device)
+    rows = {name: _median_round(r) for name, r in rounds.items()}
+    for row in rows.values():
+        row["vs_open_clip"] = row["samples_per_s"] / rows["open_clip"]["samples_per_s"]
+        row["vs_open_clip_cpu_clock"] = row["cpu_samples_per_s"] / rows["open_clip"]["cpu_samples_per_s"]
+        if mfu is not None:
+            row["mfu"] = mfu(row["samples_per_s"])
+    return {"shards": spec, **rows}
 
 
 # ---------------------------------------------------------------- largest batch
@@ -586,40 +691,44 @@ def bench_model(args, model_name: str, world, device, peak_flops: float) -> dict
         release(device)
     for row in rows.values():
         row["vs_open_clip"] = row["samples_per_s"] / rows["open_clip"]["samples_per_s"]
+        row["vs_open_clip_cpu_clock"] = row["cpu_samples_per_s"] / rows["open_clip"]["cpu_samples_per_s"]
         row["mfu"] = mfu(row["samples_per_s"])
     result["step"] = rows
+    result["cpu_clock"] = device.type == "cpu" and args.num_workers == 0
     batches32 = None
 
     if args.e2e:
         size = bundle.preprocess_cfg["size"]
         spec = make_shards(args, size if isinstance(size, int) else max(size))
-        e2e = {"shards": spec, "open_clip": e2e_openclip(args, model_name, spec, device)}
-        release(device)
-        e2e["fast"] = e2e_ours(args, model_name, spec, world, Path(args.work) / "e2e_run")
-        release(device)
-        for row in (e2e["open_clip"], e2e["fast"]):
-            row["vs_open_clip"] = row["samples_per_s"] / e2e["open_clip"]["samples_per_s"]
-            row["mfu"] = mfu(row["samples_per_s"])
-        result["end_to_end"] = e2e
+        result["end_to_end"] = end_to_end(args, model_name, spec, world, device, ours={"fast": []}, mfu=mfu)
     if args.max_batch:
         result["max_batch_infonce_tiled"] = max_batch(args, model_name, world, device)
     return result
 
 
 def print_model(name: str, r: dict) -> None:
+    # Everything runs in this process on a CPU without loader workers: there the ratio on this process's CPU
+    # clock is also printed, which a shared machine's other processes do not move.
+    cpu = r.get("cpu_clock", False)
+    cpu_head = f"{'x (CPU clock)':>15}" if cpu else ""
+
+    def cpu_ratio(row):
+        return f"{row['vs_open_clip_cpu_clock']:>15.2f}" if cpu else ""
+
     print(f"\n{name}  batch {r['batch_size']}  {r['flops_per_sample'] / 1e9:.2f} GFLOP/sample counted "
           f"({r['analytic_flops_per_step'] / r['batch_size'] / 1e9:.2f} by hand)")
     print(f"  {'step (batches on the device)':<28}{'samples/s':>11}{'x open_clip':>13}{'MFU':>8}{'peak GiB':>10}"
-          f"{'syncs/step':>12}")
+          f"{'syncs/step':>12}{cpu_head}")
     for variant, row in r["step"].items():
         mem = "-" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.1f}"
         print(f"  {variant:<28}{row['samples_per_s']:>11.1f}{row['vs_open_clip']:>13.2f}{row['mfu']:>8.1%}{mem:>10}"
-              f"{row['host_syncs_per_step']:>12.2f}")
+              f"{row['host_syncs_per_step']:>12.2f}{cpu_ratio(row)}")
     if "end_to_end" in r:
-        print(f"  {'end to end (from shards)':<28}")
-        for variant in ("open_clip", "fast"):
-            row = r["end_to_end"][variant]
-            print(f"  {variant:<28}{row['samples_per_s']:>11.1f}{row['vs_open_clip']:>13.2f}{row['mfu']:>8.1%}")
+        print(f"  {'end to end (from shards)':<28}{'':>11}{'':>13}{'':>8}{'warmup s':>10}{'data ms':>12}{cpu_head}")
+        for variant, row in r["end_to_end"].items():
+            if variant != "shards":
+                print(f"  {variant:<28}{row['samples_per_s']:>11.1f}{row['vs_open_clip']:>13.2f}{row['mfu']:>8.1%}"
+                      f"{row['warmup_s']:>10.1f}{row['data_wait_s_per_step'] * 1e3:>12.1f}{cpu_ratio(row)}")
     if "max_batch_infonce_tiled" in r:
         m = r["max_batch_infonce_tiled"]
         mem = "" if m["peak_mem_gib"] is None else f" ({m['peak_mem_gib']:.1f} GiB peak)"
@@ -629,6 +738,8 @@ def print_model(name: str, r: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, card = device_and_name(args.tiny)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.backends.cuda.matmul.allow_tf32 = True  # as open_clip_train's main() sets, for both sides

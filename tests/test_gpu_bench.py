@@ -165,11 +165,20 @@ def test_tiny_benchmark_measures_both_sides(tmp_path):
     assert model["flops_per_step"] == model["analytic_flops_per_step"] > 0
     rows = model["step"]
     assert set(rows) == {"open_clip", "bf16", "amp_bf16", "amp_bf16+sync", "fast", "fast-ds_clip", "fast-ds_allreduce"}
-    for name, row in {**rows, **{f"e2e {k}": v for k, v in model["end_to_end"].items() if k != "shards"}}.items():
-        base = (model["end_to_end"] if name.startswith("e2e") else rows)["open_clip"]["samples_per_s"]
+    e2e = {k: v for k, v in model["end_to_end"].items() if k != "shards"}
+    for name, row in {**rows, **{f"e2e {k}": v for k, v in e2e.items()}}.items():
+        base = (e2e if name.startswith("e2e") else rows)["open_clip"]
         assert row["samples_per_s"] > 0, name
-        assert row["vs_open_clip"] == pytest.approx(row["samples_per_s"] / base), name
+        assert row["vs_open_clip"] == pytest.approx(row["samples_per_s"] / base["samples_per_s"]), name
+        assert row["vs_open_clip_cpu_clock"] == pytest.approx(row["cpu_samples_per_s"] / base["cpu_samples_per_s"]), name
         assert row["mfu"] == pytest.approx(model["flops_per_step"] * row["samples_per_s"] / batch / peak), name
+    # End to end, both sides are timed over the same window: the same warmup steps (loader start-up, shuffle
+    # fill and compilation fall there), then the same timed steps; ours without caption dedupe, as open_clip.
+    assert e2e["fast"]["steps"] == e2e["open_clip"]["steps"] == result["settings"]["steps"] == 12
+    assert e2e["fast"]["warmup_steps"] == e2e["open_clip"]["warmup_steps"] == result["settings"]["warmup"] == 3
+    assert e2e["fast"]["dedupe_captions"] is False
+    assert all(row["warmup_s"] > 0 and row["data_wait_s_per_step"] > 0 for row in e2e.values())
+    assert model["cpu_clock"] and "x (CPU clock)" in proc.stdout
     sync_every = result["settings"]["sync_every"]
     for name in ("amp_bf16+sync", "fast", "fast-ds_clip", "fast-ds_allreduce"):
         assert rows[name]["host_syncs_per_step"] == pytest.approx(1 / sync_every), name
@@ -177,3 +186,4 @@ def test_tiny_benchmark_measures_both_sides(tmp_path):
     assert os.path.getsize(model["profile"]["trace"]) > 0 and "Name" in open(model["profile"]["table"]).read()
     search = model["max_batch_infonce_tiled"]
     assert [t["batch"] for t in search["tried"]] == [8, 16] and search["batch"] == 16
+
