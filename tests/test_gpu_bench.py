@@ -187,3 +187,53 @@ def test_tiny_benchmark_measures_both_sides(tmp_path):
     search = model["max_batch_infonce_tiled"]
     assert [t["batch"] for t in search["tried"]] == [8, 16] and search["batch"] == 16
 
+
+def test_spec_peak_is_looked_up_by_card_name():
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_check import spec_bf16_peak
+
+    # Dense bf16 from the datasheets; the PCIe and NVL H100 must not read as the SXM part.
+    assert spec_bf16_peak("NVIDIA H100 80GB HBM3") == spec_bf16_peak("NVIDIA H200") == 989e12
+    assert spec_bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert spec_bf16_peak("NVIDIA H100 NVL") == 835e12
+    assert spec_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert spec_bf16_peak("NVIDIA GeForce RTX 4090") is None
+
+
+def test_tiny_gpu_check_runs_every_section_and_its_checks_hold(tmp_path):
+    """bench/gpu_check.py --tiny: the GPU check's code on a CPU. Each section ran, and what its rows claim is
+    in the JSON: the resumed run's losses equal the uninterrupted run's, no host sync between read steps while
+    the watch did see the syncs at read steps, the export's embeddings equal the trained model's, and the
+    search agrees with faiss."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--tiny", "--work", str(tmp_path),
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=fresh_process_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"results: {out}" in proc.stdout
+    result = json.loads(out.read_text())
+    statuses = {(r["section"], r["check"]): r["status"] for r in result["rows"]}
+    assert not [k for k, v in statuses.items() if v in ("FAIL", "ERROR")], statuses
+    sections = result["sections"]
+    assert set(sections) >= {"card", "process_group", "defaults", "train", "export", "search", "tiny-vit-32"}
+    assert sections["process_group"]["host_all_gather"] == "ok" and "gloo" in sections["process_group"]["backend_config"]
+
+    train = sections["train"]
+    losses, resumed = train["losses"], train["resumed_losses"]  # JSON: steps as strings
+    assert sorted(map(int, losses)) == list(range(2, 13, 2))
+    assert sorted(map(int, resumed)) == [8, 10, 12]
+    assert all(resumed[s] == losses[s] for s in resumed) and train["equal"]
+    assert sorted(map(int, train["evals"])) == [6, 12] and train["eval_equal"]
+    syncs = train["syncs"]
+    assert syncs["between"] == 0 and syncs["between_steps"] == 5  # steps 3, 5, 7, 9, 11 read nothing
+    assert syncs["at_read_steps"] > 0  # the watch sees the reads the loop makes on purpose
+    assert train["forward"]["autocast"] and train["forward"]["param_dtype"] == "torch.float32"  # amp_bf16
+
+    assert sections["export"]["max_abs_diff"] == {"export": 0.0, "checkpoint": 0.0}
+    assert sections["export"]["step"] == 12
+    search = sections["search"]
+    assert search["agreement"] == 1.0 and search["disagreeing_queries"] == 0 and search["reference"].startswith("faiss")
+
+    throughput = sections["tiny-vit-32"]
+    assert throughput["step"]["fast"]["samples_per_s"] > 0 and throughput["step"]["open_clip"]["samples_per_s"] > 0
+    assert {"open_clip", "fast"} <= set(throughput["end_to_end"])
