@@ -52,7 +52,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import shutil
 import signal
@@ -256,6 +255,20 @@ class RunWatch:
         return bool(f.get("tf32_matmul") or f.get("float32_matmul_precision") in ("high", "medium"))
 
 
+def _pinned(images) -> bool | None:
+    """Whether a batch's pixels wait in pinned memory: a tensor, or a JpegBatch's worker-decoded pixels
+    (data.decode_on_device; its JPEG bytes are read on the host and stay unpinned by design)."""
+    pixels = images if isinstance(images, torch.Tensor) else getattr(images, "pixels_PCHW", None)
+    if pixels is None or pixels.device.type != "cpu":
+        return None
+    return bool(pixels.is_pinned())
+
+
+def _all_pinned(watch: RunWatch) -> bool | None:
+    seen = [p for p in watch.pinned if p is not None]
+    return all(seen) if seen else None
+
+
 def _patch(undo: list, owner, name: str, make) -> None:
     if name in vars(owner):
         original = vars(owner)[name]
@@ -290,8 +303,8 @@ def watched(device: torch.device, watch: RunWatch, *, count_syncs: bool):
     def wrap_to_device(original):
         def to_device(self, images, *args, **kwargs):
             watch.step = watch.calls + 1
-            if images.device.type == "cpu" and device.type == "cuda":
-                watch.pinned.append(bool(images.is_pinned()))
+            if device.type == "cuda":
+                watch.pinned.append(_pinned(images))
             return original(self, images, *args, **kwargs)
         return to_device
 
@@ -341,8 +354,17 @@ def train_watched(check: Check, cfg, run_dir: Path, *, count_syncs: bool) -> tup
     return watch, records, seconds
 
 
+def resolved(cfg, device: torch.device):
+    """The config train() trains with (its `auto` values chosen for the device), where the tree has them."""
+    import contrastive.config as config_mod
+
+    resolve = getattr(config_mod, "resolve_auto", None)
+    return resolve(cfg, cuda=device.type == "cuda") if resolve else cfg
+
+
 def host_read_steps(cfg) -> set[int]:
-    """Steps at which the loop reads the device on purpose (contrastive.train.host_reads_at where it exists)."""
+    """Steps at which the loop reads the device on purpose (contrastive.train.host_reads_at where it exists),
+    for a resolved config."""
     import contrastive.train as train_mod
 
     reads_at = getattr(train_mod, "host_reads_at", None)
@@ -476,7 +498,8 @@ def section_defaults(check: Check) -> dict:
     watch, _, seconds = train_watched(check, cfg, check.work / "defaults_run", count_syncs=True)
     shutil.rmtree(check.work / "defaults_run", ignore_errors=True)
     precision, tf32 = watch.precision(), watch.tf32()
-    pinned = all(watch.pinned) if watch.pinned else None
+    pinned = _all_pinned(watch)
+    cfg = resolved(cfg, check.device)
     syncs = sync_summary(watch, cfg)
     out = {"forward": watch.forward, "precision": precision, "tf32": tf32, "pinned": watch.pinned,
            "sync_every": cfg.train.sync_every, "syncs": syncs, "seconds": seconds}
@@ -518,7 +541,7 @@ def section_train(check: Check) -> dict:
     evals = {r["step"]: {k: v for k, v in r.items() if "/" in k} for r in records if any("/" in k for k in r)}
     timed = [r for r in records if "samples_per_s" in r and r["step"] > cfg.train.log_every]
     samples_per_s = (sum(r["samples_per_s"] for r in timed) / len(timed)) if timed else None
-    syncs = sync_summary(watch, cfg)
+    syncs = sync_summary(watch, resolved(cfg, check.device))
     first_loss, last_loss = losses.get(min(losses)), losses.get(max(losses))
     eval_text = "; ".join(f"step {s}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in m.items()
                                                      if k.endswith("acc1")) for s, m in sorted(evals.items()))
@@ -533,7 +556,7 @@ def section_train(check: Check) -> dict:
               f"read steps, {syncs['first_step']} at step 1){sites}"[:92],
               goal="0", status=PASS if syncs["between"] == 0 else FAIL)
     if check.cuda:
-        pinned = all(watch.pinned) if watch.pinned else None
+        pinned = _all_pinned(watch)
         check.row("train", "TF32, pinned batches", f"TF32 {watch.tf32()}, pinned {pinned}", goal="both on",
                   status=_judged(watch.tf32() and bool(pinned)))
 
