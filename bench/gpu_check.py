@@ -33,6 +33,8 @@ runs; a section that the remaining time cannot hold is skipped with that reason.
                   load_for_inference: the same embeddings on the device as the trained model and its checkpoint
   search          exact top-10 on the device through torch (one matmul + topk) against faiss-cpu's
                   IndexFlatIP top-10 on the same vectors (a float64 reference instead if faiss is missing)
+  decode          data.decode_on_device: the loader's JPEG batches decoded, cropped and resampled on the device
+                  (nvJPEG) against the same batches on the CPU, in grey levels (mean <= 1 expected)
   MODEL step      for each of --models: bench/gpu_throughput.py's step rows, open_clip's step against ours
                   `fast` (amp_bf16, train.sync_every, compiled towers, train.dedupe_captions off), MFU against
                   the spec peak and against the measured matmul rate. Goals: >= 1.3x open_clip, and for
@@ -102,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help="loader workers (default: cores - 2, at most 12; --tiny 0)")
     p.add_argument("--samples", type=int, help="synthetic training samples (default 4096; --tiny 128)")
     p.add_argument("--sections", default="", help="only these sections, comma-separated (default all: "
-                                                  "card,process_group,defaults,train,export,search,throughput)")
+                                                  "card,process_group,defaults,train,export,search,decode,throughput)")
     p.add_argument("--work", default=str(REPO / "runs" / "gpu_check"), help="shards and runs (default runs/gpu_check)")
     p.add_argument("--out", default="", help="JSON results (default WORK/gpu_check.json)")
     args = p.parse_args(argv)
@@ -695,6 +697,42 @@ def decode_on_device_available() -> bool:
     return "decode_on_device" in {f.name for f in dataclasses.fields(DataConfig)}
 
 
+def section_decode(check: Check) -> dict:
+    """data.decode_on_device: the same JPEG batches (bytes and crop draws from the loader) decoded, cropped and
+    resampled on the training device and on the CPU (libjpeg-turbo, which tests/test_decode_on_device.py
+    checks against the workers' path); nvJPEG may round differently, so the difference is judged in grey levels."""
+    if not decode_on_device_available():
+        check.row("decode", "JPEG decode on the device", "skipped: this tree's DataConfig has no decode_on_device key",
+                  status=SKIP)
+        return {}
+    from contrastive.config import load_config
+    from contrastive.data import TrainLoader
+    from contrastive.models import build_model
+
+    shards = make_shards(check)
+    cfg = load_config(None, [f"data.train={shards['val']}", "data.num_workers=0", "data.decode_on_device=true",
+                             f"model.name={'tiny-vit-32' if check.args.tiny else 'ViT-B-16'}"])
+    bundle = build_model(cfg.model)
+    loader = TrainLoader(cfg.data, preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer,
+                         batch_size_per_rank=32, seed=0, world=check.world, on_gpu=check.cuda)
+    std = torch.tensor(bundle.preprocess_cfg["std"]).reshape(1, 3, 1, 1)
+    batches = iter(loader)
+    diffs, undecodable = [], 0
+    for _ in range(2):
+        images, _ = next(batches)
+        on_device = loader.to_device(images, check.device, torch.float32).cpu()
+        on_cpu = loader.to_device(images, torch.device("cpu"), torch.float32)
+        diffs.append(((on_device - on_cpu).abs() * std * 255).flatten())
+        undecodable = loader.num_undecodable_on_device
+    grey = torch.cat(diffs)
+    mean, worst = float(grey.mean()), float(grey.max())
+    check.row("decode", "JPEG decode on the device",
+              f"{check.device.type} vs CPU decode of the same 64 crops: mean {mean:.3f}, max {worst:.1f} grey levels; "
+              f"{undecodable} left undecoded", goal="mean <= 1 grey level",
+              status=PASS if mean <= 1.0 and undecodable == 0 else FAIL)
+    return {"mean_grey_levels": mean, "max_grey_levels": worst, "undecodable": undecodable}
+
+
 def section_throughput(check: Check, model_name: str) -> dict:
     a, shards = check.args, make_shards(check)
     check.trained.pop("engine", None)  # the trained run's weights and optimizer would count in peak memory
@@ -750,7 +788,7 @@ def section_throughput(check: Check, model_name: str) -> dict:
 
 # ---------------------------------------------------------------- main
 
-SECTIONS = ("card", "process_group", "defaults", "train", "export", "search", "throughput")
+SECTIONS = ("card", "process_group", "defaults", "train", "export", "search", "decode", "throughput")
 
 
 def main(argv=None) -> int:
@@ -789,7 +827,7 @@ def main(argv=None) -> int:
     scale = 0.1 if args.tiny else 1.0
     plan = [("card", section_card, 5), ("process_group", section_process_group, 5),
             ("defaults", section_defaults, 20), ("train", section_train, 120), ("export", section_export, 15),
-            ("search", section_search, 5)]
+            ("search", section_search, 5), ("decode", section_decode, 10)]
     try:
         for name, fn, needs in plan:
             if name in wanted:

@@ -215,7 +215,7 @@ def test_tiny_gpu_check_runs_every_section_and_its_checks_hold(tmp_path):
     statuses = {(r["section"], r["check"]): r["status"] for r in result["rows"]}
     assert not [k for k, v in statuses.items() if v in ("FAIL", "ERROR")], statuses
     sections = result["sections"]
-    assert set(sections) >= {"card", "process_group", "defaults", "train", "export", "search", "tiny-vit-32"}
+    assert set(sections) >= {"card", "process_group", "defaults", "train", "export", "search", "decode", "tiny-vit-32"}
     assert sections["process_group"]["host_all_gather"] == "ok" and "gloo" in sections["process_group"]["backend_config"]
 
     train = sections["train"]
@@ -233,6 +233,9 @@ def test_tiny_gpu_check_runs_every_section_and_its_checks_hold(tmp_path):
     assert sections["export"]["step"] == 12
     search = sections["search"]
     assert search["agreement"] == 1.0 and search["disagreeing_queries"] == 0 and search["reference"].startswith("faiss")
+
+    # On a CPU both sides of the decode check are libjpeg-turbo: the same pixels.
+    assert sections["decode"]["max_grey_levels"] == 0.0 and sections["decode"]["undecodable"] == 0
 
     throughput = sections["tiny-vit-32"]
     assert throughput["step"]["fast"]["samples_per_s"] > 0 and throughput["step"]["open_clip"]["samples_per_s"] > 0
