@@ -15,10 +15,12 @@ boundaries instead of dropping or repeating the remainder, so all ranks take the
 
 Resume. A slot's position is (epoch, block, offset): the next sample is output number `offset` of that block.
 Positions are taken from batches the training loop has received (not from prefetched ones), so a checkpoint
-holds exactly what was consumed. A resumed slot re-reads its block up to `offset` without decoding and
-continues; with several DataLoader workers, the round-robin of workers is rotated so the next batch comes
-from the slot whose turn it is. Corrupt samples are skipped and counted by reason; the counts are part of
-the position, so they too match an uninterrupted run.
+holds exactly what was consumed. A resumed slot replays its block's shuffle on sample numbers (the buffer's
+order depends on its rng and the count alone), so it knows which samples it gave out without reading them,
+and reads only the others (in an indexed shard; a remote one is read from its first byte); with several
+DataLoader workers, the round-robin of workers is rotated so the next batch comes from the slot whose turn
+it is. Corrupt samples are skipped and counted by reason; the counts are part of the position, so they too
+match an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -26,16 +28,17 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contrastive.config import DataConfig
 from contrastive.device_decode import JpegBatch, JpegBatchBuilder, JpegCrop, JpegDraws, decode_batch, handover_empty
-from contrastive.distributed import WorldInfo
+from contrastive.distributed import WorldInfo, host_broadcast_object, rank_and_world_size
 from contrastive.errors import UserError
-from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, read_shard, shard_sizes
+from contrastive.sharding import (Plan, build_index, class_caption_sets, expand_sources, is_local, make_seed,
+                                  read_shard, shard_indexes, shard_sizes, shuffle_order)
 from contrastive.transforms import DecodeThen, FastTransform, decode_image, fast_preprocess, to_rgb
 
 __all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
@@ -106,23 +109,85 @@ class _SlotStream(IterableDataset):
     def _samples(self, worker: int, state: SlotState) -> Iterator[tuple[dict, tuple, tuple]]:
         """(raw sample, its position, the position after it) from the slot's position on. The position after
         the last sample of a block is the next block's start, so a finished epoch reads as finished."""
-        import webdataset as wds
-
         plan = self.spec.plan
         offset = state.offset
         for epoch, block, ranges, next_block in self._blocks(worker, state):
-            raw = (s for shard, lo, hi in ranges for s in _tag(read_shard(plan.urls[shard], lo, hi), shard))
-            if plan.shuffle_buffer > 1:
-                rng = random.Random(make_seed(plan.seed, epoch, plan.rank, worker, block, 0x5F))
-                raw = wds.shuffle(plan.shuffle_buffer, min(plan.shuffle_buffer, 100), rng=rng)(raw)
-            ahead = next(raw, None)
-            index = 0
+            rng = random.Random(make_seed(plan.seed, epoch, plan.rank, worker, block, 0x5F))
+            if all(hi is not None for _, _, hi in ranges):
+                outputs, index = self._shuffled(ranges, rng, offset), offset
+            else:  # resampled mode over uncounted shards: the block's length is known once it is read
+                outputs, index = self._shuffled_unsized(ranges, rng), 0
+            ahead = next(outputs, None)
             while ahead is not None:
-                sample, ahead = ahead, next(raw, None)
+                sample, ahead = ahead, next(outputs, None)
                 if index >= offset:
                     yield sample, (epoch, block, index), (epoch, block, index + 1) if ahead is not None else next_block
                 index += 1
             offset = 0
+
+    def _shuffled(self, ranges: list, rng: random.Random, offset: int) -> Iterator[dict]:
+        """A block's samples as webdataset's shuffle buffer gives them out, from output number `offset` on. The
+        shuffle is replayed on sample numbers (its order depends on the rng and the count alone), so a resumed
+        block reads only the samples it has yet to give out; the samples held at any time are those the
+        buffer would hold, or fewer."""
+        plan = self.spec.plan
+        num_samples = sum(hi - lo for _, lo, hi in ranges)
+        if plan.shuffle_buffer > 1:
+            order = shuffle_order(num_samples, bufsize=plan.shuffle_buffer, initial=min(plan.shuffle_buffer, 100),
+                                  rng=rng)
+        else:
+            order = list(range(num_samples))
+        read = self._read(ranges, sorted(order[offset:]) if offset else range(num_samples), resumed=offset > 0)
+        pending: dict[int, dict] = {}
+        for number in order[offset:]:
+            while number not in pending:
+                got, sample = next(read)
+                pending[got] = sample
+            yield pending.pop(number)
+
+    def _read(self, ranges: list, wanted: Sequence[int], *, resumed: bool) -> Iterator[tuple[int, dict]]:
+        """(number in the block, raw sample) for the block's samples numbered `wanted` (ascending). An indexed
+        shard is read in byte ranges of the wanted samples alone; any other is read from its first byte."""
+        plan = self.spec.plan
+        base, k, built = 0, 0, {}
+        for shard, lo, hi in ranges:
+            numbers = []
+            while k < len(wanted) and wanted[k] < base + hi - lo:
+                numbers.append(wanted[k] - base + lo)
+                k += 1
+            url = plan.urls[shard]
+            index = plan.shard_index(shard) if numbers else None
+            if numbers and index is None and resumed and plan.resampled and is_local(url):
+                # Resampled mode indexes no shard at start-up (it reads whole shards): a resume indexes the few
+                # it skips into, once each (a block may draw a shard twice).
+                if shard not in built:
+                    built[shard] = build_index(url)
+                index = built[shard]
+            if index is not None:
+                for first, stop in _runs(numbers):
+                    for n, sample in zip(range(first, stop), read_shard(url, first, stop, index=index)):
+                        sample["__shard__"] = shard
+                        yield base + n - lo, sample
+            elif numbers:
+                # A remote shard (or a compressed tar) streams from its first byte, also when the range starts
+                # mid-shard; samples before and between the wanted ones are dropped undecoded.
+                keep = set(numbers)
+                for n, sample in zip(range(numbers[0], numbers[-1] + 1), read_shard(url, numbers[0], numbers[-1] + 1)):
+                    if n in keep:
+                        sample["__shard__"] = shard
+                        yield base + n - lo, sample
+            base += hi - lo
+
+    def _shuffled_unsized(self, ranges: list, rng: random.Random) -> Iterator[dict]:
+        """A block of shards of unknown sizes as the shuffle buffer gives it out, from its first sample: a
+        resume reads the block up to its position again (without decoding)."""
+        import webdataset as wds
+
+        plan = self.spec.plan
+        raw = (s for shard, lo, hi in ranges for s in _tag(read_shard(plan.urls[shard], lo, hi), shard))
+        if plan.shuffle_buffer > 1:
+            raw = wds.shuffle(plan.shuffle_buffer, min(plan.shuffle_buffer, 100), rng=rng)(raw)
+        return raw
 
     def _caption(self, sample: dict, rng: random.Random) -> str:
         spec = self.spec
@@ -278,6 +343,20 @@ def _tag(samples: Iterator[dict], shard: int) -> Iterator[dict]:
         yield sample
 
 
+def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
+    """[first, stop) runs of consecutive numbers in an ascending list: [1, 2, 3, 7, 8] -> (1, 4), (7, 9)."""
+    first = previous = None
+    for n in numbers:
+        if first is None:
+            first = n
+        elif n != previous + 1:
+            yield first, previous + 1
+            first = n
+        previous = n
+    if first is not None:
+        yield first, previous + 1
+
+
 # ---------------------------------------------------------------- the loader
 
 class TrainLoader:
@@ -296,7 +375,13 @@ class TrainLoader:
         urls = [u for source in self.sources for u in source]
         # Epoch-exact mode needs every size; resampled mode draws shards without them (with train_weights,
         # an uncounted shard is taken to hold the mean of the counted ones, or all the same if none is).
-        sizes = shard_sizes(urls, count_unknown=not cfg.resampled)
+        # Epoch-exact mode also enters shards mid-way, where an index finds the first sample (resampled mode
+        # reads whole shards). Rank 0 alone counts (a remote shard is read whole) and indexes; the other ranks
+        # take its results.
+        survey = None
+        if rank_and_world_size()[0] == 0:
+            survey = (shard_sizes(urls, count_unknown=not cfg.resampled), shard_indexes(urls, build=not cfg.resampled))
+        sizes, index = host_broadcast_object(survey)
         num_workers = cfg.num_workers
         if not cfg.resampled and sum(s or 0 for s in sizes) == 0:
             raise UserError(f"data.train {cfg.train!r} holds no samples")
@@ -304,7 +389,7 @@ class TrainLoader:
                          shard_weights=self._shard_weights(sizes), seed=seed, rank=world.rank,
                          world_size=world.world_size, num_workers=num_workers,
                          block_samples=cfg.block_samples or max(1000, 10 * cfg.shuffle_buffer),
-                         shuffle_buffer=cfg.shuffle_buffer)
+                         shuffle_buffer=cfg.shuffle_buffer, index=index)
         self.transform = fast_preprocess(preprocess) if cfg.fast_decode else DecodeThen(preprocess)
         want_uint8 = on_gpu if cfg.uint8_batches is None else cfg.uint8_batches
         if cfg.decode_on_device:
