@@ -229,39 +229,32 @@ def build_index(url: str) -> ShardIndex | None:
     from webdataset.tariterators import base_plus_ext
 
     try:
-        size = os.path.getsize(url)
         with open_shard(url) as raw, tarfile.open(fileobj=raw, mode="r:") as archive:
-            starts, current, seen = array("q"), None, set()
+            starts, current, seen, complete = array("q"), None, set(), False
             try:
                 for member in archive:
                     if archive.pax_headers or member.issparse():
                         return None
-                    skipped = _skipped_member(member)
-                    prefix, suffix = (None, None) if skipped else base_plus_ext(member.name)
-                    starts_sample = prefix is not None and prefix != current
-                    if member.offset_data + -(-member.size // 512) * 512 > size:  # cut off
-                        damaged_at = member.offset if starts_sample else None
-                        break
+                    prefix, suffix = (None, None) if _skipped_member(member) else base_plus_ext(member.name)
                     if prefix is None:
                         continue
-                    if starts_sample:
+                    if prefix != current:
                         starts.append(member.offset)
                         current, seen = prefix, {"__key__", "__url__"}  # group_by_keys's own keys clash too
                     if suffix.lower() in seen:
-                        damaged_at = None
                         break
                     seen.add(suffix.lower())
                 else:
-                    return ShardIndex(starts + array("q", [archive.offset]), complete=True)
-            except (tarfile.TarError, EOFError):  # a header that cannot be read, or data cut off before it
-                damaged_at = None
+                    starts.append(archive.offset)
+                    complete = True
+            except (tarfile.TarError, EOFError):
+                # Moving past a member whose data is cut off raises here, as it does in a whole-shard read.
+                pass
     except (tarfile.TarError, OSError, EOFError):
         return None
-    # The damaged sample and all after it are read as a whole-shard read meets them, from its first header on
-    # (the current sample's, already the last start, or a new one's); with none, from the shard's first byte.
-    if damaged_at is not None:
-        starts.append(damaged_at)
-    return ShardIndex(starts if starts else array("q", [0]), complete=False)
+    # Not complete: the damaged sample (the last one started) and all after it are read as a whole-shard read
+    # meets them, from that sample's first header on; with none started, from the shard's first byte.
+    return ShardIndex(starts if starts else array("q", [0]), complete=complete)
 
 
 def write_index(tar_path: Path) -> bool:

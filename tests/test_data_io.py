@@ -186,7 +186,8 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes = b"abc", **info) -> None:
 
 
 def _tar(path: Path, names: list[str], **kwargs) -> Path:
-    with tarfile.open(path, "w", **{"encoding": "latin-1", **kwargs}) as tf:  # names byte for byte
+    # GNU headers in latin-1 hold names byte for byte: a name can start like a compressed stream's magic bytes.
+    with tarfile.open(path, "w", **{"format": tarfile.GNU_FORMAT, "encoding": "latin-1", **kwargs}) as tf:
         for i, name in enumerate(names):
             if name == "dir":
                 _add(tf, "dir", b"", type=tarfile.DIRTYPE)
@@ -213,7 +214,7 @@ def _damaged_shards(tmp_path: Path) -> dict[str, Path]:
     plain = _plain(tmp_path)
     shards = {"plain": plain, "odd": _tar(tmp_path / "odd.tar", [
         "dir", "a.jpg", "a.txt", "__meta__", "sub/__cache__/x.txt", "b.jpg", "noext", "c.jpg", "c.txt", "a.json",
-        "d.e.f", "BZh91x.jpg", "BZh91x.txt", "\x1f\x8b\x08y.jpg", "z.jpg"])}
+        "d.e.f", "BZh91AY&SYx.jpg", "BZh91AY&SYx.txt", "\x1f\x8b\x08y.jpg", "z.jpg"])}
     for member, at in [("c.txt", "data"), ("c.jpg", "data"), ("c.jpg", "header"), ("e.txt", "padding"),
                        ("a.jpg", "data"), ("b.txt", "header")]:
         shards[f"cut {member} {at}"] = _cut(plain, member, at=at)
