@@ -28,7 +28,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,8 +37,8 @@ from contrastive.config import DataConfig
 from contrastive.device_decode import JpegBatch, JpegBatchBuilder, JpegCrop, JpegDraws, decode_batch, handover_empty
 from contrastive.distributed import WorldInfo, host_broadcast_object, rank_and_world_size
 from contrastive.errors import UserError
-from contrastive.sharding import (Plan, build_index, class_caption_sets, expand_sources, is_local, make_seed,
-                                  read_shard, shard_indexes, shard_sizes, shuffle_order)
+from contrastive.shard_reader import build_index, is_local, read_ranges, read_shard, shard_indexes, shuffle_order
+from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, shard_sizes
 from contrastive.transforms import DecodeThen, FastTransform, decode_image, fast_preprocess, to_rgb
 
 __all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
@@ -137,46 +137,26 @@ class _SlotStream(IterableDataset):
                                   rng=rng)
         else:
             order = list(range(num_samples))
-        read = self._read(ranges, sorted(order[offset:]) if offset else range(num_samples), resumed=offset > 0)
+        built: dict = {}
+
+        def index_of(shard: int):
+            index = plan.shard_index(shard)
+            if index is None and offset and plan.resampled and is_local(plan.urls[shard]):
+                # Resampled mode indexes no shard at start-up (it reads whole shards): a resume indexes the few
+                # it skips into, once each (a block may draw a shard twice).
+                if shard not in built:
+                    built[shard] = build_index(plan.urls[shard])
+                index = built[shard]
+            return index
+
+        read = read_ranges(ranges, sorted(order[offset:]) if offset else range(num_samples), urls=plan.urls,
+                           index_of=index_of)
         pending: dict[int, dict] = {}
         for number in order[offset:]:
             while number not in pending:
                 got, sample = next(read)
                 pending[got] = sample
             yield pending.pop(number)
-
-    def _read(self, ranges: list, wanted: Sequence[int], *, resumed: bool) -> Iterator[tuple[int, dict]]:
-        """(number in the block, raw sample) for the block's samples numbered `wanted` (ascending). An indexed
-        shard is read in byte ranges of the wanted samples alone; any other is read from its first byte."""
-        plan = self.spec.plan
-        base, k, built = 0, 0, {}
-        for shard, lo, hi in ranges:
-            numbers = []
-            while k < len(wanted) and wanted[k] < base + hi - lo:
-                numbers.append(wanted[k] - base + lo)
-                k += 1
-            url = plan.urls[shard]
-            index = plan.shard_index(shard) if numbers else None
-            if numbers and index is None and resumed and plan.resampled and is_local(url):
-                # Resampled mode indexes no shard at start-up (it reads whole shards): a resume indexes the few
-                # it skips into, once each (a block may draw a shard twice).
-                if shard not in built:
-                    built[shard] = build_index(url)
-                index = built[shard]
-            if index is not None:
-                for first, stop in _runs(numbers):
-                    for n, sample in zip(range(first, stop), read_shard(url, first, stop, index=index)):
-                        sample["__shard__"] = shard
-                        yield base + n - lo, sample
-            elif numbers:
-                # A remote shard (or a compressed tar) streams from its first byte, also when the range starts
-                # mid-shard; samples before and between the wanted ones are dropped undecoded.
-                keep = set(numbers)
-                for n, sample in zip(range(numbers[0], numbers[-1] + 1), read_shard(url, numbers[0], numbers[-1] + 1)):
-                    if n in keep:
-                        sample["__shard__"] = shard
-                        yield base + n - lo, sample
-            base += hi - lo
 
     def _shuffled_unsized(self, ranges: list, rng: random.Random) -> Iterator[dict]:
         """A block of shards of unknown sizes as the shuffle buffer gives it out, from its first sample: a
@@ -341,20 +321,6 @@ def _tag(samples: Iterator[dict], shard: int) -> Iterator[dict]:
     for sample in samples:
         sample["__shard__"] = shard
         yield sample
-
-
-def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
-    """[first, stop) runs of consecutive numbers in an ascending list: [1, 2, 3, 7, 8] -> (1, 4), (7, 9)."""
-    first = previous = None
-    for n in numbers:
-        if first is None:
-            first = n
-        elif n != previous + 1:
-            yield first, previous + 1
-            first = n
-        previous = n
-    if first is not None:
-        yield first, previous + 1
 
 
 # ---------------------------------------------------------------- the loader

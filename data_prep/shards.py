@@ -1,5 +1,5 @@
 """Write WebDataset shards in img2dataset's layout: NNNNN.tar + NNNNN.parquet + NNNNN_stats.json, and sizes.json;
-plus NNNNN.index.json, each sample's byte offset in the tar (contrastive/sharding.py describes it), so that a
+plus NNNNN.index.json, each sample's byte offset in the tar (contrastive/shard_reader.py describes it), so that a
 training slot starting mid-shard seeks to its first sample."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from contrastive.sharding import write_index
+from contrastive.shard_reader import write_index
 
 # img2dataset: 5 digits of shard id + 4 digits of sample index = 9-digit keys.
 SHARD_DIGITS = 5

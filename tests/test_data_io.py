@@ -1,24 +1,24 @@
 """Bytes the training stream reads: each sample's once per epoch, a resume only what remains, counts shared.
 
-Bytes are counted by wrapping contrastive.sharding.open_shard (the reader opens every local tar through it,
+Bytes are counted by wrapping contrastive.shard_reader.open_shard (the reader opens every local tar through it,
 unbuffered); each (rank, worker) slot is iterated in this process, as its DataLoader worker would run it.
 """
 import gzip
 import io
 import itertools
 import json
-import os
 import random
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from contrastive import sharding
+from contrastive import shard_reader
 from contrastive.config import DataConfig
 from contrastive.data import SlotState, StreamSpec, TrainLoader, _SlotStream
 from contrastive.distributed import WorldInfo
-from contrastive.sharding import build_index, index_file, load_index, read_shard, shuffle_order
+from contrastive.shard_reader import build_index, index_file, load_index, read_shard, shuffle_order
+from contrastive.sharding import make_seed
 from data_prep.shards import write_shard, write_sizes
 from tests.dist import run_ranks
 
@@ -70,8 +70,8 @@ class _Counted:
 def bytes_read(monkeypatch) -> list:
     """A list that collects the size of every read from a local shard."""
     log: list = []
-    real = sharding.open_shard
-    monkeypatch.setattr(sharding, "open_shard", lambda path: _Counted(real(path), log))
+    real = shard_reader.open_shard
+    monkeypatch.setattr(shard_reader, "open_shard", lambda path: _Counted(real(path), log))
     return log
 
 
@@ -110,8 +110,8 @@ def test_an_epoch_over_2_ranks_x_4_workers_reads_each_sample_once(tmp_path, byte
             seen += _epoch_keys(stream, worker, SlotState())
         read += sum(bytes_read)
     assert len(seen) == len(set(seen)) == 176
-    # 8 slots over 3 shards: most slots start mid-shard. Read from byte 0 up to each slot's first sample, the
-    # epoch read 2.2x the data here.
+    # 8 slots over 3 shards: most slots start mid-shard. Read from byte 0 up to each slot's first sample, this
+    # epoch read 2.8x the data.
     data = sum(_data_end(u) for u in urls)
     assert data - 8 * 512 <= read <= data + 8 * 512, (read, data)
 
@@ -128,7 +128,7 @@ def test_the_order_is_webdatasets_shuffle_of_the_samples_read_in_turn(tmp_path):
         want = []
         for block, ranges in enumerate(plan.blocks(0, worker)):
             raw = (s for shard, lo, hi in ranges for s in read_shard(plan.urls[shard], lo, hi))
-            rng = random.Random(sharding.make_seed(plan.seed, 0, plan.rank, worker, block, 0x5F))
+            rng = random.Random(make_seed(plan.seed, 0, plan.rank, worker, block, 0x5F))
             want += [f"{s['__url__']}#{s['__key__']}" for s in wds.shuffle(30, 30, rng=rng)(raw)]
         assert _epoch_keys(_stream(loader), worker, SlotState()) == want
     for num, bufsize, initial in [(0, 5, 5), (1, 5, 5), (7, 100, 100), (100, 10, 3), (333, 64, 64)]:
