@@ -341,12 +341,17 @@ class TrainLoader:
         urls = [u for source in self.sources for u in source]
         # Epoch-exact mode needs every size; resampled mode draws shards without them (with train_weights,
         # an uncounted shard is taken to hold the mean of the counted ones, or all the same if none is).
-        # Epoch-exact mode also enters shards mid-way, where an index finds the first sample (resampled mode
-        # reads whole shards). Rank 0 alone counts (a remote shard is read whole) and indexes; the other ranks
-        # take its results.
+        # Epoch-exact slots start mid-shard, where an index finds their first sample (resampled mode reads whole
+        # shards). Local shards without index files are indexed from their headers only where there are at
+        # least a quarter as many slots as shards: read from byte 0, a slot reads on average half a shard
+        # before its start, about slots / (2 x shards) of an epoch in all (under an eighth here), while a header
+        # walk costs ~20 us a member (LAION-400M's 41k shards: hours on one core at every start). Rank 0 alone
+        # counts (a remote shard is read whole) and indexes; the other ranks take its results.
+        num_slots = world.world_size * max(1, cfg.num_workers)
         survey = None
         if rank_and_world_size()[0] == 0:
-            survey = (shard_sizes(urls, count_unknown=not cfg.resampled), shard_indexes(urls, build=not cfg.resampled))
+            survey = (shard_sizes(urls, count_unknown=not cfg.resampled),
+                      shard_indexes(urls, build=not cfg.resampled and 4 * num_slots >= len(urls)))
         sizes, index = host_broadcast_object(survey)
         num_workers = cfg.num_workers
         if not cfg.resampled and sum(s or 0 for s in sizes) == 0:

@@ -11,9 +11,10 @@ groups them) and the last entry the byte where the last indexed sample ends; tar
 when indexed (an index whose size no longer matches is not used). Samples past the indexed ones exist only in
 a damaged shard (complete: false: a member cut off, a duplicate file in a sample): they are read from the last
 entry's byte on, as a whole-shard read meets them. Local plain tars without an index file (img2dataset's,
-CLIP_benchmark's, hand-made ones) are indexed from their headers alone when training starts, on rank 0, which
-also counts shards without sizes (remote ones included) and shares both with the other ranks. Remote shards,
-compressed tars and tars with global pax headers are read from their first byte.
+CLIP_benchmark's, hand-made ones) are indexed from their headers alone when training starts, on rank 0, where
+slots would otherwise read much twice (contrastive/data.py says when); rank 0 also counts shards without sizes
+(remote ones included) and shares both with the other ranks. Remote shards, compressed tars, tars with global
+pax headers and unindexed shards are read from their first byte.
 """
 from __future__ import annotations
 
@@ -180,8 +181,9 @@ def index_file(url: str) -> Path:
 def build_index(url: str) -> ShardIndex | None:
     """A local shard's index from its member headers alone (tarfile seeks over member data). Members group
     into samples as webdataset's group_by_keys groups them; the first sample that would not read cleanly (a
-    member cut off, a duplicate file name in a sample, a header tarfile raises on) ends the indexed part. None for what is
-    not a plain tar: a compressed one, or one with global pax headers (they change every member after them)."""
+    member cut off, a duplicate file name in a sample, a header tarfile raises on) ends the indexed part. None
+    for what is not a plain tar: a compressed one, or one with global pax headers (they change every member
+    after them)."""
     from webdataset.tariterators import base_plus_ext
 
     try:

@@ -116,6 +116,18 @@ def test_an_epoch_over_2_ranks_x_4_workers_reads_each_sample_once(tmp_path, byte
     assert data - 8 * 512 <= read <= data + 8 * 512, (read, data)
 
 
+def test_shards_without_index_files_are_indexed_only_with_a_quarter_as_many_slots(tmp_path):
+    spec = _make_set(tmp_path / "set", [3] * 9)
+    for i in range(9):
+        index_file(str(tmp_path / "set" / f"{i:05d}.tar")).unlink()
+    for num_workers, indexed in [(0, False), (2, False), (3, True)]:  # 1, 2, 3 slots for 9 shards
+        loader = _loader(spec, num_workers=num_workers)
+        assert [loader.plan.shard_index(i) is not None for i in range(9)] == [indexed] * 9
+        stream = _stream(loader)
+        keys = [k for w in range(max(1, num_workers)) for k in _epoch_keys(stream, w, SlotState())]
+        assert len(keys) == len(set(keys)) == 27
+
+
 def test_the_order_is_webdatasets_shuffle_of_the_samples_read_in_turn(tmp_path):
     """The stream replays webdataset's shuffle on sample numbers; the reference shuffles the samples
     themselves, read whole-shard from byte 0, as the stream did before."""
