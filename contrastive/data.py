@@ -37,7 +37,7 @@ from contrastive.config import DataConfig
 from contrastive.device_decode import JpegBatch, JpegBatchBuilder, JpegCrop, JpegDraws, decode_batch, handover_empty
 from contrastive.distributed import WorldInfo, host_broadcast_object, rank_and_world_size
 from contrastive.errors import UserError
-from contrastive.shard_reader import build_index, is_local, read_ranges, read_shard, shard_indexes, shuffle_order
+from contrastive.shard_reader import read_block, read_shard, shard_indexes
 from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, shard_sizes
 from contrastive.transforms import DecodeThen, FastTransform, decode_image, fast_preprocess, to_rgb
 
@@ -113,61 +113,16 @@ class _SlotStream(IterableDataset):
         offset = state.offset
         for epoch, block, ranges, next_block in self._blocks(worker, state):
             rng = random.Random(make_seed(plan.seed, epoch, plan.rank, worker, block, 0x5F))
-            if all(hi is not None for _, _, hi in ranges):
-                outputs, index = self._shuffled(ranges, rng, offset), offset
-            else:  # resampled mode over uncounted shards: the block's length is known once it is read
-                outputs, index = self._shuffled_unsized(ranges, rng), 0
-            ahead = next(outputs, None)
+            # Resampled mode indexes no shard at start-up (it reads whole shards): a resume indexes the few it
+            # skips into.
+            outputs = read_block(ranges, urls=plan.urls, index_of=plan.shard_index, index_missing=plan.resampled,
+                                 shuffle_buffer=plan.shuffle_buffer, rng=rng, offset=offset)
+            ahead, index = next(outputs, None), offset
             while ahead is not None:
                 sample, ahead = ahead, next(outputs, None)
-                if index >= offset:
-                    yield sample, (epoch, block, index), (epoch, block, index + 1) if ahead is not None else next_block
+                yield sample, (epoch, block, index), (epoch, block, index + 1) if ahead is not None else next_block
                 index += 1
             offset = 0
-
-    def _shuffled(self, ranges: list, rng: random.Random, offset: int) -> Iterator[dict]:
-        """A block's samples as webdataset's shuffle buffer gives them out, from output number `offset` on. The
-        shuffle is replayed on sample numbers (its order depends on the rng and the count alone), so a resumed
-        block reads only the samples it has yet to give out; the samples held at any time are those the
-        buffer would hold, or fewer."""
-        plan = self.spec.plan
-        num_samples = sum(hi - lo for _, lo, hi in ranges)
-        if plan.shuffle_buffer > 1:
-            order = shuffle_order(num_samples, bufsize=plan.shuffle_buffer, initial=min(plan.shuffle_buffer, 100),
-                                  rng=rng)
-        else:
-            order = list(range(num_samples))
-        built: dict = {}
-
-        def index_of(shard: int):
-            index = plan.shard_index(shard)
-            if index is None and offset and plan.resampled and is_local(plan.urls[shard]):
-                # Resampled mode indexes no shard at start-up (it reads whole shards): a resume indexes the few
-                # it skips into, once each (a block may draw a shard twice).
-                if shard not in built:
-                    built[shard] = build_index(plan.urls[shard])
-                index = built[shard]
-            return index
-
-        read = read_ranges(ranges, sorted(order[offset:]) if offset else range(num_samples), urls=plan.urls,
-                           index_of=index_of)
-        pending: dict[int, dict] = {}
-        for number in order[offset:]:
-            while number not in pending:
-                got, sample = next(read)
-                pending[got] = sample
-            yield pending.pop(number)
-
-    def _shuffled_unsized(self, ranges: list, rng: random.Random) -> Iterator[dict]:
-        """A block of shards of unknown sizes as the shuffle buffer gives it out, from its first sample: a
-        resume reads the block up to its position again (without decoding)."""
-        import webdataset as wds
-
-        plan = self.spec.plan
-        raw = (s for shard, lo, hi in ranges for s in _tag(read_shard(plan.urls[shard], lo, hi), shard))
-        if plan.shuffle_buffer > 1:
-            raw = wds.shuffle(plan.shuffle_buffer, min(plan.shuffle_buffer, 100), rng=rng)(raw)
-        return raw
 
     def _caption(self, sample: dict, rng: random.Random) -> str:
         spec = self.spec
@@ -315,12 +270,6 @@ class _Skipped(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def _tag(samples: Iterator[dict], shard: int) -> Iterator[dict]:
-    for sample in samples:
-        sample["__shard__"] = shard
-        yield sample
 
 
 # ---------------------------------------------------------------- the loader

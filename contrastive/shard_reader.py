@@ -274,6 +274,60 @@ def shard_indexes(urls: list[str], *, build: bool) -> list:
         return list(pool.map(one, urls))
 
 
+def read_block(ranges: list, *, urls: list[str], index_of: Callable[[int], ShardIndex | None], index_missing: bool,
+               shuffle_buffer: int, rng: random.Random, offset: int = 0) -> Iterator[dict]:
+    """A block's samples (ranges [(shard, first, end)] read in turn, each sample tagged with its "__shard__") as
+    webdataset's shuffle(shuffle_buffer, min(shuffle_buffer, 100), rng=rng) gives them out, from output number
+    `offset` on. The shuffle is replayed on sample numbers (its order depends on the rng and the count alone),
+    so a resumed block reads only the samples it has yet to give out (`index_missing`: indexing local shards
+    without an index on the way); the samples held at any time are those the buffer would hold, or fewer. A
+    block with an uncounted shard (end None: resampled mode) is read from its start, the first `offset` samples
+    given out dropped undecoded."""
+    if any(hi is None for _, _, hi in ranges):
+        yield from _read_unsized_block(ranges, urls=urls, shuffle_buffer=shuffle_buffer, rng=rng, offset=offset)
+        return
+    num_samples = sum(hi - lo for _, lo, hi in ranges)
+    if shuffle_buffer > 1:
+        order = shuffle_order(num_samples, bufsize=shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng)
+    else:
+        order = list(range(num_samples))
+    built: dict = {}
+
+    def index_or_build(shard: int) -> ShardIndex | None:
+        index = index_of(shard)
+        if index is None and offset and index_missing and is_local(urls[shard]):
+            if shard not in built:  # once each: a resampled block may draw a shard twice
+                built[shard] = build_index(urls[shard])
+            index = built[shard]
+        return index
+
+    read = read_ranges(ranges, sorted(order[offset:]) if offset else range(num_samples), urls=urls,
+                       index_of=index_or_build)
+    pending: dict[int, dict] = {}
+    for number in order[offset:]:
+        while number not in pending:
+            got, sample = next(read)
+            pending[got] = sample
+        yield pending.pop(number)
+
+
+def _read_unsized_block(ranges: list, *, urls: list[str], shuffle_buffer: int, rng: random.Random,
+                        offset: int) -> Iterator[dict]:
+    import webdataset as wds
+
+    def tagged(shard: int, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            sample["__shard__"] = shard
+            yield sample
+
+    raw = (s for shard, lo, hi in ranges for s in tagged(shard, read_shard(urls[shard], lo, hi)))
+    if shuffle_buffer > 1:
+        raw = wds.shuffle(shuffle_buffer, min(shuffle_buffer, 100), rng=rng)(raw)
+    for number, sample in enumerate(raw):
+        if number >= offset:
+            yield sample
+
+
 def read_ranges(ranges: list, wanted: Sequence[int], *, urls: list[str],
                 index_of: Callable[[int], ShardIndex | None]) -> Iterator[tuple[int, dict]]:
     """(number, raw sample) for the samples numbered `wanted` (ascending) of ranges [(shard, first, end)] read
