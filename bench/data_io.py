@@ -6,11 +6,14 @@
     resume    a loader resumed near the end of its block: seconds from building the loader to its first
               batch, and the bytes it read to get there
 
-Bytes are the process's read() bytes (/proc/self/io rchar), so the figure holds for any version of the
-reader. The shards are synthetic JPEGs of noise (incompressible, as photographs are) in --work, written by
-data_prep's write_shard.
+Bytes are the process's read() bytes (/proc/self/io rchar: index files included), so the figures hold for any
+version of the reader: run the script from a checkout of another commit (with PYTHONPATH set to it) to
+compare. The shards are synthetic JPEGs of noise (incompressible, as photographs are) in --work, written by
+data_prep's write_shard, with index files where that version writes them; delete the *.index.json files to
+time a start-up that indexes the shards from their headers. The page cache is warm: on network storage the
+bytes not read save more time than here.
 
-    python bench/data_io.py --ranks 2 --workers 4 --shards 3 --per-shard 300
+    python bench/data_io.py --ranks 2 --workers 4 --shards 3 --per-shard 1000
 """
 from __future__ import annotations
 
