@@ -299,9 +299,15 @@ class TrainLoader:
         num_slots = world.world_size * max(1, cfg.num_workers)
         survey = None
         if rank_and_world_size()[0] == 0:
-            survey = (shard_sizes(urls, count_unknown=not cfg.resampled),
-                      shard_indexes(urls, build=not cfg.resampled and 4 * num_slots >= len(urls)))
-        sizes, index = host_broadcast_object(survey)
+            try:
+                survey = (shard_sizes(urls, count_unknown=not cfg.resampled),
+                          shard_indexes(urls, build=not cfg.resampled and 4 * num_slots >= len(urls)))
+            except Exception as exn:  # e.g. a remote shard that fails: every rank stops, none waits for rank 0
+                survey = exn
+        survey = host_broadcast_object(survey)
+        if isinstance(survey, Exception):
+            raise survey
+        sizes, index = survey
         num_workers = cfg.num_workers
         if not cfg.resampled and sum(s or 0 for s in sizes) == 0:
             raise UserError(f"data.train {cfg.train!r} holds no samples")

@@ -305,9 +305,20 @@ def _loader_sizes(rank: int, world_size: int, spec: str) -> list:
     return _loader(spec, rank=rank, world_size=world_size).plan.sizes
 
 
+def _loader_error(rank: int, world_size: int, spec: str) -> str:
+    try:
+        _loader(spec, rank=rank, world_size=world_size)
+    except OSError as exn:
+        return str(exn)
+    return "no error"
+
+
 def test_remote_shards_are_counted_once_over_2_ranks(tmp_path):
     _make_set(tmp_path / "set", [5, 7, 6])
     log = tmp_path / "opened.log"
     spec = f"pipe:echo opened >> {log} && cat {tmp_path / 'set'}/{{00000..00002}}.tar"
     assert run_ranks(_loader_sizes, world_size=2, args=(spec,)) == [[5, 7, 6]] * 2
     assert log.read_text().count("opened") == 3  # once per shard, on rank 0
+    # A shard that cannot be counted stops every rank, not only rank 0 (the other would wait for its counts).
+    errors = run_ranks(_loader_error, world_size=2, args=(f"pipe:exit 3::{spec}",), timeout_s=20)
+    assert all("exit 3" in error for error in errors), errors
