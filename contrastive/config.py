@@ -39,7 +39,7 @@ class DataConfig:
     # Per-rank prefetch factor for the DataLoader (batches per worker kept ready).
     prefetch_factor: int = 4
     # Each stream reads blocks of whole shard ranges of at least this many samples; the shuffle buffer mixes
-    # within a block, and a resume re-reads (without decoding) at most one block. 0: 10 x shuffle_buffer, >= 1000.
+    # within a block, the unit a resume starts in. 0: 10 x shuffle_buffer, >= 1000.
     block_samples: int = 0
     # Run the model's open_clip train transform on uint8 pixels (same random crop, resampled within a grey
     # level of PIL) and decode JPEGs at reduced size where the crop still covers the output (see

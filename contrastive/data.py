@@ -15,10 +15,12 @@ boundaries instead of dropping or repeating the remainder, so all ranks take the
 
 Resume. A slot's position is (epoch, block, offset): the next sample is output number `offset` of that block.
 Positions are taken from batches the training loop has received (not from prefetched ones), so a checkpoint
-holds exactly what was consumed. A resumed slot re-reads its block up to `offset` without decoding and
-continues; with several DataLoader workers, the round-robin of workers is rotated so the next batch comes
-from the slot whose turn it is. Corrupt samples are skipped and counted by reason; the counts are part of
-the position, so they too match an uninterrupted run.
+holds exactly what was consumed. A resumed slot replays its block's shuffle on sample numbers (the buffer's
+order depends on its rng and the count alone), so it knows which samples it gave out without reading them,
+and reads only the others (in an indexed shard; a remote one is read from its first byte); with several
+DataLoader workers, the round-robin of workers is rotated so the next batch comes from the slot whose turn
+it is. Corrupt samples are skipped and counted by reason; the counts are part of the position, so they too
+match an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contrastive.config import DataConfig
 from contrastive.device_decode import JpegBatch, JpegBatchBuilder, JpegCrop, JpegDraws, decode_batch, handover_empty
-from contrastive.distributed import WorldInfo
+from contrastive.distributed import WorldInfo, host_broadcast_object, rank_and_world_size
 from contrastive.errors import UserError
-from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, read_shard, shard_sizes
+from contrastive.shard_reader import read_block, read_shard, shard_indexes
+from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, shard_sizes
 from contrastive.transforms import DecodeThen, FastTransform, decode_image, fast_preprocess, to_rgb
 
 __all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
@@ -106,21 +109,18 @@ class _SlotStream(IterableDataset):
     def _samples(self, worker: int, state: SlotState) -> Iterator[tuple[dict, tuple, tuple]]:
         """(raw sample, its position, the position after it) from the slot's position on. The position after
         the last sample of a block is the next block's start, so a finished epoch reads as finished."""
-        import webdataset as wds
-
         plan = self.spec.plan
         offset = state.offset
         for epoch, block, ranges, next_block in self._blocks(worker, state):
-            raw = (s for shard, lo, hi in ranges for s in _tag(read_shard(plan.urls[shard], lo, hi), shard))
-            if plan.shuffle_buffer > 1:
-                rng = random.Random(make_seed(plan.seed, epoch, plan.rank, worker, block, 0x5F))
-                raw = wds.shuffle(plan.shuffle_buffer, min(plan.shuffle_buffer, 100), rng=rng)(raw)
-            ahead = next(raw, None)
-            index = 0
+            rng = random.Random(make_seed(plan.seed, epoch, plan.rank, worker, block, 0x5F))
+            # Resampled mode indexes no shard at start-up (it reads whole shards): a resume indexes the few it
+            # skips into.
+            outputs = read_block(ranges, urls=plan.urls, index_of=plan.shard_index, index_missing=plan.resampled,
+                                 shuffle_buffer=plan.shuffle_buffer, rng=rng, offset=offset)
+            ahead, index = next(outputs, None), offset
             while ahead is not None:
-                sample, ahead = ahead, next(raw, None)
-                if index >= offset:
-                    yield sample, (epoch, block, index), (epoch, block, index + 1) if ahead is not None else next_block
+                sample, ahead = ahead, next(outputs, None)
+                yield sample, (epoch, block, index), (epoch, block, index + 1) if ahead is not None else next_block
                 index += 1
             offset = 0
 
@@ -272,12 +272,6 @@ class _Skipped(Exception):
         self.reason = reason
 
 
-def _tag(samples: Iterator[dict], shard: int) -> Iterator[dict]:
-    for sample in samples:
-        sample["__shard__"] = shard
-        yield sample
-
-
 # ---------------------------------------------------------------- the loader
 
 class TrainLoader:
@@ -296,7 +290,24 @@ class TrainLoader:
         urls = [u for source in self.sources for u in source]
         # Epoch-exact mode needs every size; resampled mode draws shards without them (with train_weights,
         # an uncounted shard is taken to hold the mean of the counted ones, or all the same if none is).
-        sizes = shard_sizes(urls, count_unknown=not cfg.resampled)
+        # Epoch-exact slots start mid-shard, where an index finds their first sample (resampled mode reads whole
+        # shards). Local shards without index files are indexed from their headers only where there are at
+        # least a quarter as many slots as shards: read from byte 0, a slot reads on average half a shard
+        # before its start, about slots / (2 x shards) of an epoch in all (under an eighth here), while a header
+        # walk costs ~20 us a member (LAION-400M's 41k shards: hours on one core at every start). Rank 0 alone
+        # counts (a remote shard is read whole) and indexes; the other ranks take its results.
+        num_slots = world.world_size * max(1, cfg.num_workers)
+        survey = None
+        if rank_and_world_size()[0] == 0:
+            try:
+                survey = (shard_sizes(urls, count_unknown=not cfg.resampled),
+                          shard_indexes(urls, build=not cfg.resampled and 4 * num_slots >= len(urls)))
+            except Exception as exn:  # e.g. a remote shard that fails: every rank stops, none waits for rank 0
+                survey = exn
+        survey = host_broadcast_object(survey)
+        if isinstance(survey, Exception):
+            raise survey
+        sizes, index = survey
         num_workers = cfg.num_workers
         if not cfg.resampled and sum(s or 0 for s in sizes) == 0:
             raise UserError(f"data.train {cfg.train!r} holds no samples")
@@ -304,7 +315,7 @@ class TrainLoader:
                          shard_weights=self._shard_weights(sizes), seed=seed, rank=world.rank,
                          world_size=world.world_size, num_workers=num_workers,
                          block_samples=cfg.block_samples or max(1000, 10 * cfg.shuffle_buffer),
-                         shuffle_buffer=cfg.shuffle_buffer)
+                         shuffle_buffer=cfg.shuffle_buffer, index=index)
         self.transform = fast_preprocess(preprocess) if cfg.fast_decode else DecodeThen(preprocess)
         want_uint8 = on_gpu if cfg.uint8_batches is None else cfg.uint8_batches
         if cfg.decode_on_device:

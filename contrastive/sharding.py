@@ -12,7 +12,7 @@ shard make every sample equally likely; with data.train_weights the share of sam
 weight_i / sum(weights), each source's own samples equally likely.
 
 Either way a slot's stream is a sequence of blocks: lists of (shard, first sample, end) ranges of at least
-data.block_samples samples, the unit of shuffling and of resuming.
+data.block_samples samples, the unit of shuffling and of resuming. contrastive/shard_reader.py reads them.
 """
 from __future__ import annotations
 
@@ -20,18 +20,17 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from contrastive.errors import UserError
+from contrastive.shard_reader import ShardIndex, count_samples, is_local, load_index
+from contrastive.shard_reader import read_shard  # noqa: F401 (re-exported)
+
 
 CLASS_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DEFAULT_CLASS_TEMPLATES = ("a photo of a {c}.",)
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
 
 
 def expand_sources(spec: str) -> list[list[str]]:
@@ -58,41 +57,6 @@ def make_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def read_shard(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-    """Samples number start..stop-1 of a shard, as webdataset groups them; if the shard ends early or cannot
-    be read, each missing sample comes as {"__bad__": reason}, so a range always yields stop - start items."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    errors = []
-
-    def stop_on_error(exn):
-        errors.append(exn)
-        return False
-
-    index = 0
-    try:
-        stream = wds.gopen(url)
-    except Exception as exn:  # a missing file, a failed download
-        errors.append(exn)
-        stream = None
-    if stream is not None:
-        try:
-            files = tar_file_expander([{"url": url, "stream": stream}], handler=stop_on_error)
-            for sample in group_by_keys(files, handler=stop_on_error):
-                if stop is not None and index >= stop:
-                    break
-                if index >= start:
-                    yield sample
-                index += 1
-        finally:
-            stream.close()
-    if stop is not None:
-        reason = "unreadable_shard" if errors else "missing_sample"
-        for i in range(max(index, start), stop):
-            yield {"__bad__": reason, "__key__": f"#{i}", "__url__": url}
-
-
 def _sizes_from_files(url: str, cache: dict) -> int | None:
     """A local shard's sample count from sizes.json or img2dataset's _stats.json beside it."""
     path = Path(url).resolve()
@@ -115,42 +79,15 @@ def _sizes_from_files(url: str, cache: dict) -> int | None:
     return None
 
 
-def count_samples(url: str) -> int:
-    """The number of samples webdataset reads from a shard. A local tar is counted from its member headers
-    alone (grouped by key as webdataset groups them); anything else, or a damaged tar, is read through."""
-    import re
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
-
-    if is_local(url):
-        try:
-            count, current = 0, None
-            with tarfile.open(url, mode="r:*") as archive:
-                for member in archive:
-                    name = member.name
-                    if not member.isreg() or re.match(r"__[^/]*__($|/)", name) or \
-                            ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)):
-                        continue
-                    prefix, _ = base_plus_ext(name)
-                    if prefix is not None and prefix != current:
-                        count, current = count + 1, prefix
-            return count
-        except (tarfile.TarError, OSError, EOFError):
-            pass
-    return sum(1 for sample in read_shard(url) if "__bad__" not in sample)
-
-
 def shard_sizes(urls: list[str], *, count_unknown: bool = True) -> list[int | None]:
     """Samples per shard: from sizes.json or *_stats.json where they exist, else counted once (CLIP_benchmark
     sets and remote shards have neither) when `count_unknown`; None where not counted."""
     cache: dict = {}
-    sizes = []
-    for url in urls:
-        size = _sizes_from_files(url, cache) if is_local(url) else None
-        if size is None and count_unknown:
-            size = count_samples(url)
-        sizes.append(size)
+    sizes = [_sizes_from_files(url, cache) if is_local(url) else None for url in urls]
+    unknown = [i for i, size in enumerate(sizes) if size is None] if count_unknown else []
+    with ThreadPoolExecutor(max_workers=16) as pool:  # remote shards are read whole: overlap their downloads
+        for i, size in zip(unknown, pool.map(count_samples, [urls[i] for i in unknown])):
+            sizes[i] = size
     return sizes
 
 
@@ -192,6 +129,12 @@ class Plan:
     num_workers: int
     block_samples: int
     shuffle_buffer: int
+    # Per shard: its ShardIndex, the path of its index file (read when the shard is), or None: read from byte 0.
+    index: list = field(default_factory=list)
+
+    def shard_index(self, shard: int) -> ShardIndex | None:
+        entry = self.index[shard] if self.index else None
+        return load_index(self.urls[shard]) if isinstance(entry, str) else entry
 
     @property
     def num_samples(self) -> int:

@@ -1,4 +1,6 @@
-"""Write WebDataset shards in img2dataset's layout: NNNNN.tar + NNNNN.parquet + NNNNN_stats.json, and sizes.json."""
+"""Write WebDataset shards in img2dataset's layout: NNNNN.tar + NNNNN.parquet + NNNNN_stats.json, and sizes.json;
+plus NNNNN.index.json, each sample's byte offset in the tar (contrastive/shard_reader.py describes it), so that a
+training slot starting mid-shard seeks to its first sample."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,8 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from contrastive.shard_reader import write_index
 
 # img2dataset: 5 digits of shard id + 4 digits of sample index = 9-digit keys.
 SHARD_DIGITS = 5
@@ -65,6 +69,7 @@ def write_shard(out_dir: Path, shard_id: int, samples: Iterable[dict], *, failur
             row.update({k: v for k, v in meta.items() if k not in row})
             rows.append((sample.get("index", position), row))
     os.replace(tar_tmp, out_dir / f"{name}.tar")
+    write_index(out_dir / f"{name}.tar")
     status = Counter({"success": len(rows)})
     for failure in failures:
         failure = dict(failure)
