@@ -14,6 +14,7 @@ from contrastive.config import PRECISIONS, load_config
 from contrastive.engine import safe_torch_load
 from contrastive.models import MODEL_CONFIG_DIR, build_model, frozen_batch_norm_class
 from contrastive.train import train
+from tests.conftest import REPO
 from tests.test_deepspeed import _losses, _run
 
 TOWERS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
@@ -146,3 +147,19 @@ def test_batch_norm_with_half_precision_parameters_computes_as_fp32_batch_norm(d
         for t in (x_half, x_ref, *ours.parameters(), *reference.parameters()):
             t.grad = None
     assert reference.num_batches_tracked.item() == 2
+
+
+def test_fp16_on_a_cpu_without_fp16_instructions_is_refused_in_one_line(monkeypatch, capsys, tmp_path, tiny_overrides):
+    """DeepSpeed stops such a run at start-up with a traceback (ValueError: Type fp16 is not supported...)."""
+    from contrastive import cli
+    from contrastive.engine import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    code = cli.main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"),
+                     *tiny_overrides, "deepspeed.precision=fp16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "deepspeed.precision=fp16 does not run on this cpu" in err and "use bf16, amp_bf16 or fp32" in err
