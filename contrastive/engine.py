@@ -142,6 +142,22 @@ def deepspeed_config(cfg: Config, world: WorldInfo) -> dict:
     return deep_merge(out, ds.extra)
 
 
+def check_precision_runs_here(precision: str) -> None:
+    """Refuse in one line a deepspeed.precision that this machine's accelerator cannot run, which DeepSpeed (or
+    torch's autocast, for amp_bf16) would refuse with a traceback at start-up: above all fp16 on a CPU without
+    fp16 instructions (oneDNN's AVX512-FP16 or AMX-FP16; most CPUs lack them)."""
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    runs = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported,
+            "amp_bf16": accelerator.is_bf16_supported}.get(precision)
+    if runs is not None and not runs():
+        instead = "bf16, amp_bf16 or fp32" if precision == "fp16" else "fp16 or fp32"
+        raise UserError(f"deepspeed.precision={precision} does not run on this {accelerator.device_name()} "
+                        f"(DeepSpeed finds no {precision.removeprefix('amp_')} support); use {instead}")
+
+
 def freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     """Freeze parameters whose names match any regex; returns the frozen names."""
     frozen = []
@@ -160,6 +176,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: WorldInfo, lr_lambd
     `cfg`'s `auto` values are resolved for this machine as train.train resolves them."""
     deepspeed = import_deepspeed()
     cfg = resolve_auto(cfg, cuda=torch.cuda.is_available())
+    check_precision_runs_here(cfg.deepspeed.precision)
 
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

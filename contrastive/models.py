@@ -143,13 +143,15 @@ def _instantiate(arch: dict) -> nn.Module:
     if "multimodal_cfg" in arch:
         raise UserError("CoCa models (multimodal_cfg) are not supported for contrastive training")
     model_class = CustomTextCLIP if custom_text else CLIP
-    if not hf_text:
-        return model_class(**arch, output_dict=True)
     try:
-        return model_class(**arch, output_dict=True)
+        model = model_class(**arch, output_dict=True)
     except (OSError, ValueError, TypeError) as e:
+        if not hf_text:
+            raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot build the text tower from {arch['text_cfg']['hf_model_name']}: {first}") from None
+    batch_norm_in_fp32(model)
+    return model
 
 
 def with_hflip(preprocess: Callable, p: float) -> Callable:
@@ -187,6 +189,63 @@ def _tokenizer_for(arch: dict) -> Callable:
     return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 
+# ---------------------------------------------------------------- BatchNorm under half precision
+
+class _AffineInStatsDtype:
+    """BatchNorm that computes in the dtype of its running statistics when its weight has another one.
+
+    DeepSpeed's bf16/fp16 modes cast parameters to half precision but leave buffers in fp32, and torch's
+    batch_norm takes one dtype throughout, or bf16/fp16 activations with fp32 weight, bias and statistics (its
+    mixed kernels compute in fp32; amp_bf16's autocast hands it exactly that). So the affine parameters join in
+    fp32, as apex's keep_batchnorm_fp32 has it: statistics are accumulated and kept in fp32, activations keep
+    their dtype, and the half-precision parameters get their gradients through the cast. With one dtype
+    throughout (fp32, amp_bf16, a model cast whole for export) it is torch's forward, bit for bit.
+    CUDA's batch_norm (cuDNN and native) takes the same mixed dtypes; tests/test_precision.py runs it on CPU
+    only, and no GPU check trains a conv tower yet.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        if self.weight is None or self.weight.dtype == dtype:
+            return super().forward(x)
+        # torch's _BatchNorm.forward, with the weight and bias cast.
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_stats = not self.training or self.track_running_stats
+        return nn.functional.batch_norm(
+            x, self.running_mean if pass_stats else None, self.running_var if pass_stats else None,
+            self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype), use_batch_stats, momentum,
+            self.eps)
+
+
+class BatchNorm1d(_AffineInStatsDtype, nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(_AffineInStatsDtype, nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm3d(_AffineInStatsDtype, nn.BatchNorm3d):
+    pass
+
+
+_BATCH_NORM_IN_FP32 = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+def batch_norm_in_fp32(model: nn.Module) -> None:
+    """Make torch's BatchNorm layers of `model` (ours, timm's, open_clip's ResNets) compute in fp32 when the
+    engine casts their parameters to bf16/fp16 (see _AffineInStatsDtype); state dicts are unchanged."""
+    for module in model.modules():
+        if type(module) in _BATCH_NORM_IN_FP32:
+            module.__class__ = _BATCH_NORM_IN_FP32[type(module)]
+
+
 # ---------------------------------------------------------------- locking (LiT)
 
 @functools.cache
@@ -199,6 +258,11 @@ def frozen_batch_norm_class() -> type:
     class FrozenBatchNorm2dWithCount(FrozenBatchNorm2d):
         def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # Its statistics and affine are buffers, which DeepSpeed's bf16/fp16 modes leave in fp32: computed
+            # in fp32, the result goes on in the activations' dtype (the next convolution's weight dtype).
+            return super().forward(x).to(x.dtype)
 
     return FrozenBatchNorm2dWithCount
 

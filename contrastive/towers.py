@@ -5,6 +5,7 @@ what caps them on CIFAR-sized images. These keep full resolution in a 3x3 stem a
 max-pool, in the style of the fast CIFAR-10 baselines (ResNet-9 / airbench): conv-BN-GELU, two convolutions
 per stage with a residual pair on the wider stages. Use them through open_clip's timm tower:
 `"vision_cfg": {"timm_model_name": "convnet_s", "timm_pool": "avg", "timm_proj": "linear", "image_size": 32}`.
+Built that way (contrastive.models), their BatchNorm layers compute in fp32 under bf16/fp16 weights too.
 """
 from __future__ import annotations
 
