@@ -151,17 +151,52 @@ class _SafeTorch:
 
 
 def load_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint directory, consolidated from ZeRO partitions by DeepSpeed's zero_to_fp32."""
+    """Full fp32 weights of a checkpoint directory.
+
+    The module's own states (DeepSpeed's mp_rank_00 file, ZeRO 0-2) hold every parameter and buffer in the
+    dtype it trained in; where an optimizer kept an fp32 master copy, that copy replaces them: consolidated
+    from ZeRO partitions by DeepSpeed's zero_to_fp32, or, for its BF16_Optimizer (bf16 weights, which zero_to_fp32
+    does not read), from each rank's fp32 partition and its slice map. Parameters the optimizer does not hold
+    (frozen ones, which zero_to_fp32 leaves out at ZeRO stage 1) keep the module's values."""
+    from contrastive.engine import safe_torch_load
+
     ckpt = Path(ckpt)
     if (ckpt / MODEL_FILE).is_file():
         return load_file(str(ckpt / MODEL_FILE))
     if not any(ckpt.glob("*model_states.pt")):
         raise UserError(f"{ckpt} holds no weights ({MODEL_FILE} or DeepSpeed's model states)")
-    if not any(ckpt.glob("*optim_states.pt")):
-        from contrastive.engine import safe_torch_load
-
+    state: dict[str, torch.Tensor] = {}
+    if (ckpt / DS_MODEL_FILE).is_file():  # not at ZeRO-3, whose per-rank model files hold no weights
         module = safe_torch_load(ckpt / DS_MODEL_FILE)["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    bf16_files = sorted(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt"), key=_rank_of)
+    if bf16_files:
+        state.update(_fp32_from_bf16_optimizer(bf16_files, state))
+    elif any(ckpt.glob("*optim_states.pt")):
+        state.update(_zero_to_fp32(ckpt))
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def _rank_of(path: Path) -> int:
+    return int(path.name.split("_pp_rank_")[1].split("_")[0])
+
+
+def _fp32_from_bf16_optimizer(files: list[Path], module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each parameter's fp32 master value from BF16_Optimizer checkpoint files in rank order: every rank holds a
+    contiguous partition of each parameter group and a map (name -> start, numel) of the fragments in it, so a
+    parameter is its fragments concatenated in rank order (as DeepSpeed's universal-checkpoint converter reads it)."""
+    from contrastive.engine import safe_torch_load
+
+    fragments: dict[str, list[torch.Tensor]] = {}
+    for path in files:
+        optim = safe_torch_load(path)["optimizer_state_dict"]
+        for partition, mapping in zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"]):
+            for name, address in dict(mapping).items():
+                fragments.setdefault(name, []).append(partition.narrow(0, address.start, address.numel))
+    return {name: torch.cat(parts).detach().reshape(module[name].shape) for name, parts in fragments.items()}
+
+
+def _zero_to_fp32(ckpt: Path) -> dict[str, torch.Tensor]:
     from contrastive.engine import import_deepspeed
 
     import_deepspeed()
@@ -170,10 +205,9 @@ def load_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     original = zero_to_fp32.torch
     zero_to_fp32.torch = _SafeTorch()
     try:
-        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     finally:
         zero_to_fp32.torch = original
-    return {k: v.contiguous() for k, v in state.items()}
 
 
 def load_arch(ckpt: str | Path) -> dict:

@@ -157,7 +157,9 @@ def test_logit_scale_never_exceeds_the_cap_and_comes_back_down(zero_stage, preci
     cap = math.log(100)
     cfg, bundle, engine, _ = _engine([f"deepspeed.zero_stage={zero_stage}", f"deepspeed.precision={precision}",
                                       f"model.init_logit_scale={math.log(200)}", "optim.lr=0.05",
-                                      "optim.freeze=['^(?!logit_scale$)']"])
+                                      "optim.freeze=['^(?!logit_scale$)']",
+                                      # ZeRO-3 would otherwise swap torch's F.linear for the rest of this process
+                                      "deepspeed.extra={zero_optimization: {memory_efficient_linear: false}}"])
     tol = 0.02 if precision == "bf16" else 1e-6  # the bf16 module copy of log(100) rounds to 4.59375
     assert all(v <= cap + tol for v in _logit_scale_copies(engine))
     images, texts = _batch(bundle, 8)
@@ -302,3 +304,43 @@ def test_random_state_round_trips_through_a_rank_file_with_its_device_half(monke
     assert torch.equal(torch.rand(3, generator=device_rng.generator), device_draw)
     old = {"torch_rng": saved["rng"]["cpu"]}  # a checkpoint written before device states
     assert torch.equal(rng.from_json(old)["cpu"], rng.from_json(saved)["cpu"])
+
+
+# ---------------------------------------------------------------- half-precision checkpoints consolidate
+
+def _train_and_save(rank, world_size, precision, out_dir):
+    """2 steps of a half-precision run with the image tower frozen, saved as a DeepSpeed checkpoint; returns
+    what each copy holds: the optimizer's fp32 masters of the trained parameters, the module's frozen ones."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from contrastive.losses import build_loss
+    from contrastive.train import train_step
+
+    cfg, bundle, engine, _ = _engine([f"deepspeed.precision={precision}", "optim.lr=1e-2",
+                                      "optim.freeze=['^visual\\.']", "train.batch_size=8"])
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    images, texts = _batch(bundle, 8, seed=rank)
+    for _ in range(2):
+        train_step(engine, (images[rank * 4:rank * 4 + 4].to(dtype), texts[rank * 4:rank * 4 + 4]),
+                   loss_fn=build_loss(cfg.loss))
+    engine.save_checkpoint(out_dir, tag="step_2")
+    expected = {}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p) if p.requires_grad else None
+        expected[name] = (master if master is not None else p.detach().float()).clone()
+    return expected
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_checkpoints_consolidate_to_the_fp32_masters_and_keep_frozen_weights(tmp_path, precision):
+    """bf16 (DeepSpeed's BF16_Optimizer, which zero_to_fp32 does not read) and fp16 (ZeRO 1, whose frozen
+    parameters zero_to_fp32 leaves out) on 2 ranks: the consolidated weights are the optimizer's fp32 masters,
+    and the frozen tower's weights are there."""
+    from contrastive.checkpoint import load_full_state_dict
+
+    expected = run_ranks(_train_and_save, world_size=2, args=(precision, str(tmp_path)), timeout_s=300)[0]
+    state = load_full_state_dict(tmp_path / "step_2")
+    assert set(expected) <= set(state)
+    assert any(name.startswith("visual.") for name in expected)
+    for name, value in expected.items():
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], value), name
