@@ -169,10 +169,10 @@ def load_full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     if (ckpt / DS_MODEL_FILE).is_file():  # not at ZeRO-3, whose per-rank model files hold no weights
         module = safe_torch_load(ckpt / DS_MODEL_FILE)["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    bf16_files = sorted(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt"), key=_rank_of)
-    if bf16_files:
-        state.update(_fp32_from_bf16_optimizer(bf16_files, state))
-    elif any(ckpt.glob("*optim_states.pt")):
+    optim_files = sorted(ckpt.glob("*_pp_rank_*_optim_states.pt"), key=_rank_of)
+    if optim_files and "single_partition_of_fp32_groups" in safe_torch_load(optim_files[0])["optimizer_state_dict"]:
+        state.update(_fp32_from_bf16_optimizer(optim_files, state))  # BF16_Optimizer (bf16 at ZeRO stage 1)
+    elif optim_files:
         state.update(_zero_to_fp32(ckpt))
     return {k: v.contiguous() for k, v in state.items()}
 
