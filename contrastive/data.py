@@ -208,7 +208,7 @@ class _SlotStream(IterableDataset):
                 classes.append(self._class_id(sample))
                 if len(captions) == spec.batch_size:
                     meta = {"worker": worker, "position": after, "skipped": dict(skipped), "keys": keys,
-                            "classes": torch.tensor(classes, dtype=torch.int64)}
+                            "classes": classes}
                     batch = images.finish(), spec.tokenizer(captions), meta
                     images, captions, keys, classes = None, [], [], []
                     if saved is not None:
@@ -457,7 +457,9 @@ class TrainLoader:
             self.slots[meta["worker"]] = SlotState(epoch, block, offset, meta["skipped"])
             self.num_batches += 1
             self.last_keys = meta["keys"]
-            self.last_classes = meta["classes"]  # class ids (loss.positives=class), -1 where a sample has none
+            # Class ids (loss.positives=class), -1 where a sample has none. They travel as a list: each tensor
+            # in a batch from a worker costs the training process a shared-memory handle to open.
+            self.last_classes = torch.tensor(meta["classes"], dtype=torch.int64)
             yield images, tokens, meta["keys"]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

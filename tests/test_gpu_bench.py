@@ -154,7 +154,8 @@ def test_tiny_benchmark_measures_both_sides(tmp_path):
     out = tmp_path / "gpu.json"
     # A fresh 1-rank process group: not the one earlier tests of this session started (its port is taken).
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_throughput.py"), "--tiny", "--work", str(tmp_path),
-                           "--out", str(out), "--profile"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                           "--out", str(out), "--profile", "--num-workers", "0", "--steps", "12"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900,
                           env=fresh_process_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"results: {out}" in proc.stdout and "x open_clip" in proc.stdout
