@@ -152,7 +152,7 @@ def all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
 # NCCL reduces only device tensors: a collective on a host tensor raises. The default process group of a CUDA
 # world is therefore started with both backends (process_group_backend), so that the helpers below, which work
 # on host tensors and objects (log records, evaluation results, shard counts, resume checks), take gloo there
-# and NCCL never sees a host tensor. Covered on gloo by tests/test_distributed.py and, with NCCL, by
+# and NCCL never sees a host tensor. Covered on gloo by tests/test_gpu_path.py and, with NCCL, by
 # bench/gpu_check.py.
 
 def process_group_backend(*, cuda: bool) -> str:

@@ -110,11 +110,11 @@ def deepspeed_config(cfg: Config, world: WorldInfo) -> dict:
     weights, gradients are reduced across ranks in fp32 and bf16 accumulates micro-steps in fp32 (its
     BF16_Optimizer, which DeepSpeed builds for ZeRO stage 1 only). Half-precision weights at zero_stage 0 run as
     stage 1 (the same arithmetic, with the optimizer state split over ranks), so that their fp32 master copy is
-    reachable through DeepSpeed's safe_set_full_fp32_param (see clamp_logit_scale_). tests/test_engine.py checks the dtypes DeepSpeed ends
-    up with; bench/gpu_check.py counts the host syncs on a GPU.
+    reachable through DeepSpeed's safe_set_full_fp32_param (see clamp_logit_scale_). tests/test_gpu_path.py
+    checks the dtypes DeepSpeed ends up with; bench/gpu_check.py counts the host syncs on a GPU.
     """
     ds: DeepSpeedConfig = cfg.deepspeed
-    if ds.precision not in ("fp32", "bf16", "fp16", "amp_bf16"):
+    if ds.precision == "auto":
         raise ValueError(f"deepspeed.precision={ds.precision!r}: resolve the config first (config.resolve_auto)")
     micro = cfg.train.batch_size // (world.world_size * cfg.train.accum_steps)
     if micro * world.world_size * cfg.train.accum_steps != cfg.train.batch_size:
@@ -203,7 +203,7 @@ def clamp_logit_scale_(engine, *, max_logit_scale: float) -> None:
     would otherwise overwrite a clamp of the module's copy at the next step), and under ZeRO-3 this rank's
     partitions of both. Collective under ZeRO 1 and 2 (every rank calls it); device operations only.
     Clamping the parameter, not the forward's value, keeps its gradient alive at the cap, so the scale can
-    come back down (tests/test_engine.py, every ZeRO stage)."""
+    come back down (tests/test_gpu_path.py, every ZeRO stage)."""
     param = dict(engine.module.named_parameters()).get("logit_scale")
     if param is None or not param.requires_grad:
         return

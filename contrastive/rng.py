@@ -1,9 +1,10 @@
 """Random state of one rank, CPU and training device together: captured for a replayed forward and saved per rank.
 
-Dropout and patch dropout on a GPU draw from the CUDA generator, not the CPU one, so a forward replayed for
-gradient accumulation (train.train_step) and a resumed run (train.train) restore both. The CUDA half is
-exercised by bench/gpu_check.py (an accumulated step with patch dropout, and a resume, on a GPU); on a CPU
-tests/test_rng.py checks it with a stand-in device generator.
+Dropout and drop path on a GPU draw from the CUDA generator, not the CPU one, so a forward replayed for
+gradient accumulation (train.train_step) and a resumed run (train.train) restore both. The CUDA half of a
+resume is checked by bench/gpu_check.py (a resumed run with drop path, bit for bit, on a GPU); on a CPU
+tests/test_gpu_path.py checks replay and round trip with a stand-in device generator. No GPU check runs an
+accumulated step yet.
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from contrastive.errors import UserError
 from contrastive.shard_reader import ShardIndex, count_samples, is_local, load_index
-from contrastive.shard_reader import read_shard  # noqa: F401 (re-exported)
 
 
 CLASS_TEMPLATES_FILE = "zeroshot_classification_templates.txt"

@@ -278,7 +278,7 @@ def test_sizes_come_from_img2dataset_stats_without_sizes_json(tmp_path):
 
 
 def test_counting_a_shard_from_headers_agrees_with_reading_it(tmp_path):
-    from contrastive.sharding import count_samples, read_shard
+    from contrastive.shard_reader import count_samples, read_shard
 
     path = tmp_path / "odd.tar"
     with tarfile.open(path, "w") as tf:
