@@ -73,8 +73,14 @@ def cmd_prep_pairs(args) -> int:
     from data_prep.pairs import prep_pairs
 
     summary = prep_pairs(args.input, args.out_dir, opts=_build_options(args), image_column=args.image_column,
-                         caption_column=args.caption_column, image_root=args.image_root, num_procs=args.num_procs)
+                         caption_column=args.caption_column, image_root=args.image_root,
+                         images_list=args.images_list, one_row_per_caption=args.one_row_per_caption,
+                         num_procs=args.num_procs)
     _print_prep_summary(summary, args.out_dir)
+    if "images_list" in summary:
+        listed = summary["images_list"]
+        print(f"images list: {listed['found']} of {listed['listed']} listed images found, "
+              f"{listed['not_found']} not found ({listed['file']})")
     print(f"shards: {args.out_dir}/{{00000..{summary['num_shards'] - 1:05d}}}.tar")
     return 0
 
@@ -105,7 +111,7 @@ def _add_image_options(parser) -> None:
     parser.add_argument("--max-pixels", type=int, default=100_000_000,
                         help="skip images with more pixels than this (after reduced-size JPEG decoding)")
     parser.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
-                        help="skip inputs whose image bytes equal an earlier input's")
+                        help="skip inputs whose image bytes equal an earlier input's from another file")
     parser.add_argument("--num-procs", type=int, default=None, help="worker processes (default: all cores)")
 
 
@@ -273,9 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pairs", help="image-caption pairs from a folder, a table or a tar", formatter_class=_Formatter,
         description="INPUT is a folder of images with a sidecar caption each (a.jpg + a.txt [+ a.json]), a "
                     "CSV/TSV/JSONL/Parquet table with an image-path and a caption column (other columns go into "
-                    "each sample's JSON), or a tar of such pairs. Writes img2dataset-style shards into OUT_DIR; "
-                    "re-running the same command keeps finished shards.")
-    pairs.add_argument("input", type=Path, help="folder, table (.csv .tsv .jsonl .parquet) or tar")
+                    "each sample's JSON; a .txt table is read as CSV, e.g. Kaggle's Flickr captions.txt), a folder "
+                    "in Kaggle's Flickr layout (captions.txt + Images/), or a tar of such pairs. Table rows naming "
+                    "the same image make one sample: .txt holds the first caption, the JSON's \"captions\" all of "
+                    "them in row order. Writes img2dataset-style shards into OUT_DIR; re-running the same command "
+                    "keeps finished shards.")
+    pairs.add_argument("input", type=Path,
+                       help="folder, Kaggle Flickr folder, table (.csv .tsv .jsonl .parquet .txt) or tar")
     pairs.add_argument("out_dir", type=Path, help="output folder for the shards")
     pairs.add_argument("--image-column", default=None,
                        help="table column with image paths (default: the first of filepath, image_path, image, "
@@ -283,7 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--caption-column", default=None,
                        help="table column with captions (default: the first of caption, title, text, txt, alt)")
     pairs.add_argument("--image-root", type=Path, default=None,
-                       help="folder that relative image paths of a table start from (default: the table's folder)")
+                       help="folder that relative image paths of a table start from (default: the table's folder; "
+                            "Images/ in Kaggle's Flickr layout)")
+    pairs.add_argument("--images-list", type=Path, default=None,
+                       help="split file, one image file name per line (e.g. Flickr_8k.trainImages.txt): keep only "
+                            "inputs whose image file name is listed (default: all)")
+    pairs.add_argument("--one-row-per-caption", action="store_true",
+                       help="a table's rows stay one sample each, also when several name the same image "
+                            "(open_clip's CSV layout); default: one sample per image with all its captions")
     _add_image_options(pairs)
     pairs.set_defaults(func=cmd_prep_pairs)
 

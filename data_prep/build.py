@@ -35,6 +35,8 @@ class Item:
     path: str | None = None  # an image file to read
     data: bytes | None = None  # image bytes (tar inputs)
     caption: str | bytes | None = None
+    # All captions of an image, in file order (rows of a table naming the same image); `caption` is the first.
+    captions: list | None = None
     caption_path: str | None = None  # a sidecar caption file to read
     meta_path: str | None = None  # a sidecar JSON whose fields join the sample's JSON
     meta: dict = field(default_factory=dict)
@@ -124,17 +126,36 @@ def _hash_file(path: str) -> bytes | None:
         return None
 
 
-def _read_item(item: Item) -> tuple[bytes, str, dict]:
-    """The image bytes, caption and metadata of an input, or Skip."""
+def _clean_captions(raw: list) -> tuple[list[str], int]:
+    """The usable captions of a list in order and how many were dropped; Skip (the first one's reason) if none is."""
+    cleaned, first_skip = [], None
+    for caption in raw:
+        try:
+            cleaned.append(clean_caption(caption))
+        except Skip as e:
+            first_skip = first_skip or e
+    if not cleaned:
+        raise first_skip or Skip("missing_caption")
+    return cleaned, len(raw) - len(cleaned)
+
+
+def _read_item(item: Item) -> tuple[bytes, str, list[str] | None, int, dict]:
+    """The image bytes, caption, all captions (None for a one-caption input), number of captions dropped as
+    empty or undecodable, and metadata of an input, or Skip."""
     if item.skip:
         raise Skip(item.skip, item.skip_message)
-    caption = item.caption
-    if caption is None and item.caption_path is not None:
-        try:
-            caption = Path(item.caption_path).read_bytes()
-        except OSError:
-            raise Skip("missing_caption", f"no caption file {item.caption_path}") from None
-    caption = clean_caption(caption)
+    captions, dropped = None, 0
+    if item.captions is not None:
+        captions, dropped = _clean_captions(item.captions)
+        caption = captions[0]
+    else:
+        caption = item.caption
+        if caption is None and item.caption_path is not None:
+            try:
+                caption = Path(item.caption_path).read_bytes()
+            except OSError:
+                raise Skip("missing_caption", f"no caption file {item.caption_path}") from None
+        caption = clean_caption(caption)
     data = item.data
     if data is None:
         if item.path is None:
@@ -153,7 +174,7 @@ def _read_item(item: Item) -> tuple[bytes, str, dict]:
                 meta.update({k: v for k, v in extra.items() if k not in ("key", "caption")})
         except (OSError, ValueError):
             pass  # a broken sidecar JSON loses only that metadata, not the sample
-    return data, caption, meta
+    return data, caption, captions, dropped, meta
 
 
 def write_chunk(job: tuple) -> dict:
@@ -164,7 +185,7 @@ def write_chunk(job: tuple) -> dict:
     for index, item in enumerate(items):
         digest = None
         try:
-            data, caption, meta = _read_item(item)
+            data, caption, captions, dropped, meta = _read_item(item)
             digest = hashlib.sha256(data).hexdigest()
             jpeg, info, conversions = process_image(data, opts.image)
         except Skip as e:
@@ -174,7 +195,12 @@ def write_chunk(job: tuple) -> dict:
                              "sha256": digest})
             continue
         converted.update(conversions)
+        if dropped:
+            # A grouped image keeps its usable captions; the others are counted, not silently lost.
+            converted["caption_dropped"] += dropped
         record = {"url": item.source, "sha256": digest, **info, **meta}
+        if captions is not None:
+            record["captions"] = captions  # the multi-caption format: .txt holds captions[0]
         if conversions:
             record["converted"] = sorted(set(conversions))
         sample = {"index": index, "jpg": jpeg, "txt": caption, "json": record}
@@ -288,26 +314,30 @@ def summarize(out_dir: Path) -> dict:
 
 
 def mark_duplicates(items: list[Item], *, num_procs: int | None = None) -> None:
-    """Mark inputs whose image bytes equal an earlier input's as skipped 'duplicate' (files hashed in parallel)."""
-    paths = [(i, it.path) for i, it in enumerate(items) if it.skip is None and it.data is None and it.path]
+    """Mark inputs whose image bytes equal an earlier input's as skipped 'duplicate' (files hashed in parallel).
+
+    Inputs naming the same image file are not duplicates of each other (one table row per caption of an image,
+    open_clip's CSV layout); another file with the same bytes is.
+    """
+    paths = list(dict.fromkeys(it.path for it in items if it.skip is None and it.data is None and it.path))
     num_procs = num_procs or len(os.sched_getaffinity(0))
     if num_procs > 1 and len(paths) > 256:
         with ProcessPoolExecutor(num_procs) as pool:
-            digests = list(pool.map(_hash_file, [p for _, p in paths], chunksize=256))
+            digests = list(pool.map(_hash_file, paths, chunksize=256))
     else:
-        digests = [_hash_file(p) for _, p in paths]
-    by_index = dict(zip((i for i, _ in paths), digests))
-    seen: set[bytes] = set()
-    for i, item in enumerate(items):
+        digests = [_hash_file(p) for p in paths]
+    digest_of_path = dict(zip(paths, digests))
+    first_path: dict[bytes, str | None] = {}  # digest -> the file that first had it (None: bytes of a tar)
+    for item in items:
         if item.skip is not None:
             continue
-        digest = hashlib.sha256(item.data).digest() if item.data is not None else by_index.get(i)
+        digest = hashlib.sha256(item.data).digest() if item.data is not None else digest_of_path.get(item.path)
         if digest is None:
             continue  # unreadable: the shard writer reports why
-        if digest in seen:
+        if digest not in first_path:
+            first_path[digest] = item.path if item.data is None else None
+        elif item.data is not None or first_path[digest] != item.path:
             item.skip, item.skip_message, item.data = "duplicate", "same bytes as an earlier input", None
-        else:
-            seen.add(digest)
 
 
 class StreamDeduper:

@@ -9,11 +9,15 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from contrastive.errors import UserError
-from data_prep.build import BuildOptions, Item, StreamDeduper, build_shards, list_images, mark_duplicates, \
-    tar_members
+from data_prep.build import PREP_FILE, BuildOptions, Item, StreamDeduper, build_shards, list_images, \
+    mark_duplicates, tar_members
 from data_prep.images import IMAGE_SUFFIXES
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+# A .txt input is read as a CSV table: Kaggle's Flickr8k/Flickr30k `captions.txt` (header `image,caption`).
+CSV_SUFFIXES = (".csv", ".txt")
+# The Kaggle Flickr layout: a folder holding this table and the images folder it names files in.
+KAGGLE_TABLE, KAGGLE_IMAGES = "captions.txt", "Images"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 # Column names tried in order when none is given (open_clip's CSV, img2dataset's and common choices).
 IMAGE_COLUMNS = ("filepath", "image_path", "image", "path", "file", "filename", "url")
@@ -22,6 +26,11 @@ CAPTION_COLUMNS = ("caption", "title", "text", "txt", "alt")
 
 def is_tar(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(TAR_SUFFIXES)
+
+
+def is_kaggle_layout(path: Path) -> bool:
+    """A folder with Kaggle's Flickr layout: captions.txt (one `image,caption` row per caption) and Images/."""
+    return path.is_dir() and (path / KAGGLE_TABLE).is_file() and (path / KAGGLE_IMAGES).is_dir()
 
 
 def json_safe(value):
@@ -81,7 +90,7 @@ def _table_rows(path: Path) -> Iterator[dict | None]:
                 yield row if isinstance(row, dict) else None
             return
         csv.field_size_limit(sys.maxsize)
-        reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.reader(f, delimiter="," if suffix in CSV_SUFFIXES else "\t")
         header = next(reader, None)
         if not header:
             raise UserError(f"{path} is empty: a table needs a header row naming its columns")
@@ -130,6 +139,56 @@ def table_items(path: Path, *, image_column: str | None, caption_column: str | N
         meta = {k: json_safe(v) for k, v in row.items() if k not in (image_col, caption_col)}
         items.append(Item(source=str(image).strip(), path=str(image_path), caption=row.get(caption_col), meta=meta))
     return items
+
+
+def group_by_image(items: list[Item]) -> list[Item]:
+    """Rows naming the same image become one input with all their captions in row order (at the first row's
+    place, with the first row's other columns); refused rows stay inputs of their own."""
+    grouped: list[Item] = []
+    by_image: dict[str, Item] = {}
+    for item in items:
+        if item.skip is not None or item.path is None:
+            grouped.append(item)
+            continue
+        first = by_image.get(item.source)
+        if first is None:
+            first = by_image[item.source] = Item(source=item.source, path=item.path, caption=item.caption,
+                                                 captions=[], meta=item.meta)
+            grouped.append(first)
+        first.captions.append(item.caption)
+    return grouped
+
+
+def read_images_list(path: Path) -> list[str]:
+    """A split file (Flickr_8k.trainImages.txt): one image file name per line, blank lines ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--images-list {path} does not exist")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"--images-list {path} names no images")
+    return names
+
+
+class ImagesListFilter:
+    """Keeps the inputs whose image file name is listed; remembers which listed names it met. Inputs that name
+    no image file (a row that cannot be parsed or has no image path) are kept, so they are counted as skips."""
+
+    def __init__(self, names: list[str]):
+        self.listed, self.found = set(names), set()
+
+    def keep(self, item: Item) -> bool:
+        if item.path is None and item.data is None:
+            return True
+        name = PurePosixPath((item.path or item.source).replace("\\", "/")).name
+        if name in self.listed:
+            self.found.add(name)
+            return True
+        return False
+
+    def report(self, path: Path) -> dict:
+        return {"file": str(path), "listed": len(self.listed), "found": len(self.found),
+                "not_found": len(self.listed - self.found)}
 
 
 def _split_key(name: str) -> tuple[str | None, str]:
@@ -190,30 +249,63 @@ def tar_items(path: Path) -> Iterator[Item]:
 
 
 def prep_pairs(input_path: Path, out_dir: Path, *, opts: BuildOptions, image_column: str | None = None,
-               caption_column: str | None = None, image_root: Path | None = None, num_procs: int | None = None,
-               progress: bool = True) -> dict:
-    """Shard image-caption pairs from a folder, a table (CSV/TSV/JSONL/Parquet) or a tar; returns the summary."""
+               caption_column: str | None = None, image_root: Path | None = None, images_list: Path | None = None,
+               one_row_per_caption: bool = False, num_procs: int | None = None, progress: bool = True) -> dict:
+    """Shard image-caption pairs from a folder, a table (CSV/TSV/JSONL/Parquet, or Kaggle's captions.txt), a
+    folder in Kaggle's Flickr layout (captions.txt + Images/) or a tar; returns the summary.
+
+    Table rows naming the same image become one sample with all its captions (`.txt` the first, the JSON's
+    "captions" all of them in row order) unless `one_row_per_caption`; `images_list` keeps only the listed
+    image file names.
+    """
     input_path = Path(input_path)
     if not input_path.exists():
         raise UserError(f"input {input_path} does not exist")
     if image_root is not None and not Path(image_root).is_dir():
         raise UserError(f"--image-root {image_root} is not a folder")
     record = {"command": "pairs", "input": str(input_path), "options": opts.as_dict()}
-    if input_path.is_dir():
+    record["options"].update(images_list=str(images_list) if images_list else None)
+    selection = ImagesListFilter(read_images_list(images_list)) if images_list else None
+    table = None
+    if is_kaggle_layout(input_path):
+        table, image_root = input_path / KAGGLE_TABLE, image_root or input_path / KAGGLE_IMAGES
+    elif input_path.is_dir():
         items = folder_items(input_path, exclude=out_dir)
         if not items:
             raise UserError(f"{input_path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     elif is_tar(input_path):
-        items = map(StreamDeduper(opts.dedup), tar_items(input_path))
-    elif input_path.suffix.lower() in TABLE_SUFFIXES:
-        items = table_items(input_path, image_column=image_column, caption_column=caption_column,
+        items = tar_items(input_path)
+    elif input_path.suffix.lower() in TABLE_SUFFIXES + CSV_SUFFIXES:
+        table = input_path
+    else:
+        raise UserError(f"input {input_path} is not a folder, a tar or a table "
+                        f"({', '.join(TABLE_SUFFIXES + CSV_SUFFIXES)})")
+    if table is not None:
+        items = table_items(table, image_column=image_column, caption_column=caption_column,
                             image_root=Path(image_root) if image_root else None)
         record["options"].update(image_column=image_column, caption_column=caption_column,
-                                 image_root=str(image_root) if image_root else None)
+                                 image_root=str(image_root) if image_root else None,
+                                 one_row_per_caption=one_row_per_caption)
+    if selection is not None:
+        items = filter(selection.keep, items)
+        if table is not None or input_path.is_dir():
+            items = list(items)
+            if not selection.found:
+                raise UserError(f"none of the {len(selection.listed)} images named in --images-list {images_list} "
+                                f"is in {input_path}; is it the split file of this dataset?")
+    if table is not None and not one_row_per_caption:
+        items = group_by_image(items)
+    if isinstance(items, list):
+        if opts.dedup:
+            mark_duplicates(items, num_procs=num_procs)
     else:
-        raise UserError(f"input {input_path} is not a folder, a tar or a table ({', '.join(TABLE_SUFFIXES)})")
-    if isinstance(items, list) and opts.dedup:
-        mark_duplicates(items, num_procs=num_procs)
-    return build_shards(items, Path(out_dir), opts=opts, record=record,
-                        num_inputs=len(items) if isinstance(items, list) else None, num_procs=num_procs,
-                        progress=progress, desc="prep pairs")
+        items = map(StreamDeduper(opts.dedup), items)
+    summary = build_shards(items, Path(out_dir), opts=opts, record=record,
+                           num_inputs=len(items) if isinstance(items, list) else None, num_procs=num_procs,
+                           progress=progress, desc="prep pairs")
+    if selection is not None:
+        # Known only once a streamed tar has been read through.
+        summary["images_list"] = selection.report(Path(images_list))
+        prep_file = Path(out_dir) / PREP_FILE
+        prep_file.write_text(json.dumps({**json.loads(prep_file.read_text()), "summary": summary}, indent=2))
+    return summary
