@@ -32,24 +32,25 @@ UNPACKED_MARKER = ".unpacked"
 SPLIT_MARKER = ".split"
 
 
-def unpack(tar_path: str | Path, work_dir: str | Path) -> Path:
-    """Extract the tar into work_dir once (a marker records completion); returns the ImageFolder root."""
+def unpack(tar_path: str | Path, work_dir: str | Path, *, tar_root: str = TAR_ROOT, marker_name: str = UNPACKED_MARKER,
+           what: str = "the CIFAR-10 ImageFolder tar (../shared/data/cifar10/cifar10-train.tar.gz)") -> Path:
+    """Extract the tar into work_dir once (a marker records completion); returns work_dir / tar_root."""
     tar_path, work_dir = Path(tar_path), Path(work_dir)
-    root = work_dir / TAR_ROOT
-    marker = work_dir / UNPACKED_MARKER
+    root = work_dir / tar_root
+    marker = work_dir / marker_name
     if marker.is_file() and marker.read_text().strip() == str(tar_path.resolve()) and root.is_dir():
         return root
     if not tar_path.is_file():
-        raise UserError(f"CIFAR-10 tar {tar_path} does not exist (expected ../shared/data/cifar10/cifar10-train.tar.gz)")
+        raise UserError(f"{tar_path} does not exist; expected {what}")
     work_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work_dir / TAR_ROOT.split("/")[0], ignore_errors=True)  # a half-finished earlier unpack
+    shutil.rmtree(work_dir / tar_root.split("/")[0], ignore_errors=True)  # a half-finished earlier unpack
     try:
         with tarfile.open(tar_path) as tar:
             tar.extractall(work_dir, filter="data")  # "data" refuses absolute paths, links out and devices
     except (tarfile.TarError, OSError) as e:
         raise UserError(f"cannot unpack {tar_path} into {work_dir}: {e}") from None
     if not root.is_dir():
-        raise UserError(f"{tar_path} has no {TAR_ROOT}/ folder; is it the CIFAR-10 ImageFolder tar?")
+        raise UserError(f"{tar_path} has no {tar_root}/ folder; is it {what}?")
     marker.write_text(str(tar_path.resolve()) + "\n")
     return root
 
