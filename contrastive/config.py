@@ -22,6 +22,9 @@ class ConfigError(UserError, ValueError):
 DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 
+CAPTION_SAMPLING = ("first", "random")
+
+
 @dataclass
 class DataConfig:
     # Shard specs: brace expansion allowed, several sources joined with '::'.
@@ -58,8 +61,17 @@ class DataConfig:
     # the CPU path's (another decoder on CUDA, float resampling) and it pays only on a GPU, where the
     # workers' decode and resample are the bottleneck; measured by bench/gpu_check.py.
     decode_on_device: bool = False
+    # The caption a sample with several (its JSON's "captions", as `prep pairs` groups a table's rows per image)
+    # trains with. first: its .txt (the first caption) at every visit. random: one of its captions drawn
+    # uniformly at each visit from the sample's per-visit seed (seed, epoch, rank, worker, block, index), so a
+    # run is reproducible and a resume draws what the uninterrupted run would. Samples without a captions
+    # list use their .txt either way.
+    caption_sampling: str = "first"
 
     def __post_init__(self):
+        if self.caption_sampling not in CAPTION_SAMPLING:
+            raise ConfigError(f"data.caption_sampling must be one of {', '.join(CAPTION_SAMPLING)}; "
+                              f"got {self.caption_sampling!r}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 0:

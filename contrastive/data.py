@@ -74,6 +74,7 @@ class StreamSpec:
     caption_key: str
     class_sets: list
     class_set_of_shard: list[int]
+    caption_sampling: str = "first"  # data.caption_sampling
 
 
 def _first_key(sample: dict, keys: str):
@@ -81,6 +82,22 @@ def _first_key(sample: dict, keys: str):
         if key in sample:
             return sample[key]
     return None
+
+
+def _captions_list(sample: dict) -> list[str]:
+    """The non-empty captions in a raw sample's JSON "captions" (the multi-caption format), or [] if it has none
+    or its JSON cannot be read (the .txt is used then)."""
+    raw = sample.get("json")
+    if raw is None:
+        return []
+    try:
+        meta = json.loads(raw)
+    except (ValueError, TypeError):  # TypeError: not text; UnicodeDecodeError is a ValueError
+        return []
+    captions = meta.get("captions") if isinstance(meta, dict) else None
+    if not isinstance(captions, list):
+        return []
+    return [c for c in captions if isinstance(c, str) and c.strip()]
 
 
 class _SlotStream(IterableDataset):
@@ -125,7 +142,11 @@ class _SlotStream(IterableDataset):
             offset = 0
 
     def _caption(self, sample: dict, rng: random.Random) -> str:
+        """The sample's caption: one of its JSON's "captions" drawn with `rng` (data.caption_sampling=random),
+        else its .txt, else a class template drawn with `rng`; raises _Skipped."""
         spec = self.spec
+        if spec.caption_sampling == "random" and (captions := _captions_list(sample)):
+            return rng.choice(captions)
         txt = _first_key(sample, spec.caption_key)
         if txt is not None:
             try:
@@ -442,7 +463,7 @@ class TrainLoader:
                           worker_offset=self.num_batches % num_slots, batch_size=self.batch_size,
                           transform=self.transform, tokenizer=CachedTokenizer(self.tokenizer),
                           image_key=self.cfg.image_key, caption_key=self.cfg.caption_key,
-                          class_sets=self.class_sets, class_set_of_shard=self.class_set_of_shard)
+                          caption_sampling=self.cfg.caption_sampling, class_sets=self.class_sets, class_set_of_shard=self.class_set_of_shard)
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
