@@ -1,4 +1,6 @@
 """Chunked FAISS retrieval recall equals a brute-force full-matrix reference, ties included."""
+import json
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,30 @@ def reference_recall(image_ND, text_MD, owner_M, ks=KS) -> dict:
                 column = scores_MN[:, i]
                 i2t.append((column > column[mine].max()).sum() < k)
         out[f"text_retrieval_recall@{k}"] = float(np.mean(i2t))
+    out["mean_recall"] = float(np.mean(list(out.values())))
+    return out
+
+
+def argsort_recall(image_ND, text_MD, owner_M, ks=KS) -> dict:
+    """Another way: sort each query's whole gallery (np.lexsort on score, then true matches first among equal
+    scores, the documented tie rule) and read off the rank of the first true match."""
+    scores_MN = np.asarray(text_MD, np.float64) @ np.asarray(image_ND, np.float64).T
+    positive_MN = owner_M[:, None] == np.arange(len(image_ND))[None, :]
+
+    def first_hit_ranks(scores_QG, positive_QG):
+        ranks = []
+        for row, positive in zip(scores_QG, positive_QG):
+            if positive.any():
+                order = np.lexsort((~positive, -row))  # last key first: by score, then positives first
+                ranks.append(int(np.argmax(positive[order])))
+        return np.array(ranks)
+
+    t2i, i2t = first_hit_ranks(scores_MN, positive_MN), first_hit_ranks(scores_MN.T, positive_MN.T)
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = float(np.mean(t2i < k))
+        out[f"text_retrieval_recall@{k}"] = float(np.mean(i2t < k))
+    out["mean_recall"] = float(np.mean(list(out.values())))
     return out
 
 
@@ -43,8 +69,9 @@ def test_chunked_recall_equals_full_matrix_with_ties(seed):
     image, text, owner = tied_data(seed)
     got = retrieval_recall(image, text, owner, ks=KS, chunk_size=37, use_gpu=False)
     want = reference_recall(image, text, owner)
+    assert argsort_recall(image, text, owner) == pytest.approx(want, abs=1e-12)
     for key, value in want.items():
-        assert got[key] == pytest.approx(value, abs=0), key
+        assert got[key] == pytest.approx(value, abs=1e-12), key
     assert got["num_images_without_caption"] == 15
     # Ties matter here: breaking them against the true match would give a different, lower number.
     scores = text @ image.T
@@ -99,8 +126,16 @@ def test_bad_caption_owner_is_a_user_error():
         retrieval_recall(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), np.array([0, 5]), use_gpu=False)
 
 
-def test_multi_line_texts_are_several_captions():
-    flat, owner = captions_of(["a red circle\na round red thing", "", "blue square"])
+def test_captions_of_a_sample_json_list_else_txt_lines():
+    from eval.captioned import sample_captions
+
+    as_json = {"txt": b"a red circle", "json": json.dumps({"captions": ["a red circle", " a round red thing "]})}
+    assert sample_captions(as_json) == ["a red circle", "a round red thing"]
+    assert sample_captions({"txt": b"a red circle\n\na round red thing\n"}) == ["a red circle", "a round red thing"]
+    assert sample_captions({"txt": b"blue square", "json": b'{"captions": []}'}) == ["blue square"]
+    assert sample_captions({"txt": b"blue square", "json": b"not json"}) == ["blue square"]
+    assert sample_captions({"jpg": b""}) == []
+    flat, owner = captions_of([["a red circle", "a round red thing"], [], ["blue square"]])
     assert flat == ["a red circle", "a round red thing", "blue square"]
     assert owner.tolist() == [0, 0, 2]
 
@@ -121,7 +156,7 @@ def test_retrieval_evaluator_plugin(synthetic_data):
                                      batch_size=16)
     metrics = evaluator(bundle)
     assert evaluator.tag == "retrieval" and set(metrics) == {f"{side}_retrieval_recall@{k}" for side in
-                                                            ("image", "text") for k in KS}
+                                                            ("image", "text") for k in KS} | {"mean_recall"}
     images, texts = [], []
     with torch.no_grad():
         for sample in eval_samples(synthetic_data["val"]):
