@@ -152,7 +152,7 @@ def encode_captions(bundle, captions: list[str], *, batch_size: int = 256) -> np
 
 
 def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: int = 0,
-                    images_list: str | None = None):
+                    images_list: str | None = None, progress: bool = False):
     """(image_ND, caption_MD, caption -> image index) of the readable, captioned images among the first
     `max_samples` (0: all) of `data` (any layout eval/captioned.py reads), every caption of each image, as
     float32 arrays. On several ranks each encodes its share of the images and of the captions (see
@@ -186,10 +186,15 @@ def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: in
             except Exception:  # an unreadable image is skipped, as every reader of shards here does
                 continue
 
+    rows = own_samples()
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc="retrieval: images", unit="img", disable=rank != 0)
     was_training = model.training
     model.eval()
     try:
-        image_ND, captions = encode_sharded(own_samples(), lambda batch: encoder.encode_image(torch.stack(batch)),
+        image_ND, captions = encode_sharded(rows, lambda batch: encoder.encode_image(torch.stack(batch)),
                                             dummy=bundle.preprocess_val(Image.new("RGB", (8, 8))),
                                             batch_size=batch_size)
         if not captions:  # every rank has gathered the same (empty) list, so all stop here together
@@ -202,9 +207,39 @@ def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: in
 
 
 def score_retrieval(bundle, data: str, *, batch_size: int = 256, max_samples: int = 0,
-                    images_list: str | None = None) -> dict:
+                    images_list: str | None = None, progress: bool = False) -> dict:
     """Image<->text retrieval of `bundle` (.model, .preprocess_val, .tokenizer) on a captioned set, every caption
     of each image: the retrieval_recall dict (R@1/5/10 both ways, mean_recall, num_images, num_texts)."""
     image_ND, text_MD, owner_M = embed_captioned(bundle, data, batch_size=batch_size, max_samples=max_samples,
-                                                 images_list=images_list)
+                                                 images_list=images_list, progress=progress)
     return retrieval_recall(image_ND, text_MD, owner_M)
+
+
+def run_cli(args) -> dict:
+    """`contrastive retrieval`: score a saved model (run, checkpoint or export directory) on a captioned set and
+    write CLIP_benchmark's result shape to --output."""
+    import json
+    from pathlib import Path
+
+    from contrastive.checkpoint import load_for_inference
+    from eval.captioned import open_captioned
+    from eval.index import move_to_gpu
+
+    if args.batch_size <= 0 or args.max_samples < 0:
+        raise UserError("--batch-size must be > 0 and --max-samples >= 0")
+    if not Path(args.model).exists():  # before reading any data
+        raise UserError(f"--model {args.model} does not exist")
+    layout = open_captioned(args.data, images_list=args.images_list).layout  # data errors before loading
+    bundle, info = load_for_inference(args.model)
+    move_to_gpu(bundle)
+    scores = score_retrieval(bundle, args.data, batch_size=args.batch_size, max_samples=args.max_samples,
+                             images_list=args.images_list, progress=True)
+    result = {"dataset": args.data, "model": str(args.model), "task": "zeroshot_retrieval",
+              "metrics": {k: v for k, v in scores.items() if "recall" in k},
+              **{k: v for k, v in scores.items() if k.startswith("num_")},
+              "layout": layout, "images_list": args.images_list, "max_samples": args.max_samples,
+              "model_checkpoint": info.get("checkpoint"), "model_step": info.get("step")}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    return result

@@ -1,5 +1,6 @@
 """Chunked FAISS retrieval recall equals a brute-force full-matrix reference, ties included."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,196 @@ def test_retrieval_evaluator_plugin(synthetic_data):
             texts.append(bundle.model.encode_text(bundle.tokenizer([sample["txt"].decode()]), normalize=True)[0].numpy())
     want = reference_recall(np.stack(images), np.stack(texts), np.arange(40))
     assert metrics == pytest.approx(want)
+
+
+# ---------------------------------------------------------------- captioned sets in three layouts
+
+def _captions(n: int) -> list[str]:
+    """Two to four captions of image n; some hold commas (quoted in Kaggle's CSV, bare in CLIP_benchmark's)."""
+    words = ["red", "green", "blue", "dark", "bright", "striped", "plain", "noisy"]
+    own = [f"a {words[n % 8]} picture number {n}", f"image {n}, {words[(n * 3) % 8]} and {words[(n * 5) % 8]}",
+           f"photo of thing {n}", f"the {words[(n + 1) % 8]} one"]
+    return own[:2 + n % 3]
+
+
+def build_flickr_like(root, num_images: int = 12) -> dict:
+    """The same JPEGs and captions in the three layouts eval/captioned.py reads, plus a split file of the
+    first two thirds of the images."""
+    import csv
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    names = [f"{1000 + n}_{n:04x}.jpg" for n in range(num_images)]
+    jpegs = []
+    for n in range(num_images):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        jpegs.append(buf.getvalue())
+    kaggle, cb, shards = root / "kaggle", root / "cb", root / "shards"
+    for folder in (kaggle / "Images", cb, shards):
+        folder.mkdir(parents=True)
+    with open(kaggle / "captions.txt", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows([name, caption] for n, name in enumerate(names) for caption in _captions(n))
+    lines = ["image,caption"] + [f"{name},{caption}" for n, name in enumerate(names) for caption in _captions(n)]
+    (cb / "flickr8k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    (cb / "flickr8k_train_karpathy.txt").write_text("image,caption\nnot_here.jpg,a train caption\n")
+    with wds.TarWriter(str(shards / "00000.tar")) as sink:
+        for n, (name, jpeg) in enumerate(zip(names, jpegs)):
+            (kaggle / "Images" / name).write_bytes(jpeg)
+            (cb / name).write_bytes(jpeg)
+            captions = _captions(n)
+            # Half keep every caption in the JSON (the .txt holds the first), half in a multi-line .txt.
+            sample = ({"txt": captions[0], "json": {"captions": captions}} if n % 2 else
+                      {"txt": "\n".join(captions), "json": {"n": n}})
+            sink.write({"__key__": name[:-4], "jpg": jpeg, **sample})
+    split = root / "split.txt"
+    split.write_text("\n".join(names[: 2 * num_images // 3]) + "\n")
+    return {"root": root, "names": names, "kaggle": kaggle, "cb": cb, "shards": str(shards / "00000.tar"),
+            "split": split, "captions": [_captions(n) for n in range(num_images)]}
+
+
+@pytest.fixture(scope="module")
+def flickr_like(tmp_path_factory) -> dict:
+    return build_flickr_like(tmp_path_factory.mktemp("flickr"))
+
+
+def test_three_layouts_read_the_same_images_and_captions(flickr_like, tmp_path):
+    from eval.captioned import open_captioned
+
+    f = flickr_like
+    want = list(zip(f["names"], f["captions"]))
+
+    def listed(data, **kw):
+        found = open_captioned(str(data), **kw)
+        rows = list(found.samples())
+        assert [n for n, _, _ in rows] == list(range(len(rows)))
+        return found.layout, [(Path(src).name if found.layout != "shards" else None, caps) for _, src, caps in rows]
+
+    assert listed(f["kaggle"]) == ("kaggle", want)
+    assert listed(f["kaggle"] / "captions.txt") == ("kaggle", want)
+    assert listed(f["cb"]) == ("clip_benchmark", want)  # the test split's file, not the train one
+    assert listed(f["cb"] / "flickr8k_test_karpathy.txt") == ("clip_benchmark", want)
+    assert listed(f["shards"]) == ("shards", [(None, caps) for _, caps in want])
+    assert listed(Path(f["shards"]).parent) == ("shards", [(None, caps) for _, caps in want])
+    assert listed(f["kaggle"], images_list=str(f["split"])) == ("kaggle", want[:8])
+    assert listed(f["cb"], images_list=str(f["split"])) == ("clip_benchmark", want[:8])
+    assert [caps for _, _, caps in open_captioned(str(f["kaggle"])).samples(max_samples=3)] == f["captions"][:3]
+
+
+def test_captioned_set_mistakes_are_user_errors(flickr_like, tmp_path):
+    from eval.captioned import open_captioned
+
+    f = flickr_like
+    with pytest.raises(UserError, match="a shard set is its own split"):
+        open_captioned(f["shards"], images_list=str(f["split"]))
+    with pytest.raises(UserError, match="does not exist"):
+        open_captioned(str(f["kaggle"]), images_list=str(tmp_path / "nope.txt"))
+    (tmp_path / "other.txt").write_text("9999_x.jpg\n")
+    with pytest.raises(UserError, match="1 image.* have no caption"):
+        open_captioned(str(f["kaggle"]), images_list=str(tmp_path / "other.txt"))
+    with pytest.raises(UserError, match="give the one to use"):  # two splits, no test split among them
+        bad = tmp_path / "two"
+        bad.mkdir()
+        for split in ("train", "val"):
+            (bad / f"flickr8k_{split}_karpathy.txt").write_text("image,caption\n")
+        open_captioned(str(bad))
+    with pytest.raises(UserError, match="not in"):
+        (f["cb"] / "flickr30k_test_karpathy.txt").write_text("image,caption\nmissing.jpg,a caption\n")
+        try:
+            open_captioned(str(f["cb"] / "flickr30k_test_karpathy.txt"))
+        finally:
+            (f["cb"] / "flickr30k_test_karpathy.txt").unlink()
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "captions.txt").write_text("file,text\na.jpg,b\n")
+    with pytest.raises(UserError, match="header 'image,caption'"):
+        open_captioned(str(tmp_path / "csv"))
+    with pytest.raises(UserError, match="neither a captioned image folder"):
+        open_captioned(str(tmp_path / "two" / ".."))  # a folder of folders and text files
+
+
+def _one_by_one(bundle, jpegs: list[bytes], captions: list[list[str]]):
+    """Embeddings computed here: each image and each caption through the model's own encoders on its own."""
+    import torch
+
+    from contrastive.data import decode_image
+
+    with torch.no_grad():
+        image = [bundle.model.encode_image(bundle.preprocess_val(decode_image(j))[None], normalize=True)[0]
+                 for j in jpegs]
+        text = [bundle.model.encode_text(bundle.tokenizer([c]), normalize=True)[0] for caps in captions for c in caps]
+    owner = np.array([i for i, caps in enumerate(captions) for _ in caps])
+    return torch.stack(image).numpy(), torch.stack(text).numpy(), owner
+
+
+def test_retrieval_command_end_to_end(flickr_like, tmp_path, capsys):
+    from contrastive.checkpoint import load_for_inference
+    from contrastive.cli import main
+    from contrastive.export import export
+    from tests.test_search import save_random_model
+
+    f = flickr_like
+    model = save_random_model(tmp_path / "model", "tiny-vit-32")
+    results = {}
+    for name, data, extra in (("kaggle", f["kaggle"], ["--images-list", str(f["split"])]),
+                              ("cb", f["cb"] / "flickr8k_test_karpathy.txt", ["--images-list", str(f["split"])]),
+                              ("shards", f["shards"], ["--max-samples", "8"])):
+        out = tmp_path / f"{name}.json"
+        code = main(["retrieval", "--model", str(model), "--data", str(data), "--output", str(out),
+                     "--batch-size", "3", *extra])
+        printed = capsys.readouterr().out.strip()
+        assert code == 0 and len(printed.splitlines()) == 1 and printed.endswith(f"results: {out}")
+        results[name] = json.loads(out.read_text())
+    num_texts = sum(len(c) for c in f["captions"][:8])
+    want_keys = {f"{side}_retrieval_recall@{k}" for side in ("image", "text") for k in KS} | {"mean_recall"}
+    for result in results.values():
+        assert set(result["metrics"]) == want_keys and result["task"] == "zeroshot_retrieval"
+        assert (result["num_images"], result["num_texts"]) == (8, num_texts)
+        assert result["metrics"] == pytest.approx(results["kaggle"]["metrics"], abs=1e-9)
+    bundle, _ = load_for_inference(model)
+    jpegs = [(f["kaggle"] / "Images" / name).read_bytes() for name in f["names"][:8]]
+    want = reference_recall(*_one_by_one(bundle, jpegs, f["captions"][:8]))
+    assert results["kaggle"]["metrics"] == pytest.approx(want, abs=1e-9)
+    assert 0 < want["image_retrieval_recall@1"] < 1  # not a trivial case
+    # An exported model scores the same.
+    export(model, "open_clip", tmp_path / "oc", check=False, progress=False)
+    assert main(["retrieval", "--model", str(tmp_path / "oc"), "--data", str(f["kaggle"]), "--output",
+                 str(tmp_path / "oc.json"), "--images-list", str(f["split"])]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "oc.json").read_text())["metrics"] == pytest.approx(want, abs=1e-6)
+    # Mistakes a user can make: one line, exit 2.
+    for args, message in ((["--model", str(tmp_path / "none")], "does not exist"),
+                          (["--model", str(model), "--images-list", str(f["split"]), "--data", f["shards"]],
+                           "its own split"),
+                          (["--model", str(model), "--data", str(tmp_path / "nowhere.tar")], "")):
+        base = ["retrieval", "--data", str(f["kaggle"]), "--output", str(tmp_path / "x.json")]
+        code = main(base + args)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_index_retrieval_metrics_pair_every_caption(flickr_like, tmp_path):
+    """`index --retrieval-metrics` on a set with several captions per image (JSON lists and multi-line .txt)
+    scores every caption of each image, not one text per sample."""
+    from contrastive.checkpoint import load_for_inference
+    from eval.embed import read_embeddings
+    from eval.index import build_index_dir
+    from tests.test_search import save_random_model
+
+    f = flickr_like
+    model = save_random_model(tmp_path / "model", "tiny-vit-32")
+    params = build_index_dir(model=str(model), data=f["shards"], out=tmp_path / "index", batch_size=5,
+                             retrieval_metrics=True)
+    got = json.loads((tmp_path / "index" / "retrieval.json").read_text())
+    assert params.extra["retrieval"] == got
+    assert (got["num_images"], got["num_texts"]) == (12, sum(len(c) for c in f["captions"]))
+    bundle, _ = load_for_inference(model)
+    stored, _, _ = read_embeddings(tmp_path / "index")  # the index's float16 image rows, as it scores them
+    stored = stored.astype(np.float32) / np.linalg.norm(stored.astype(np.float32), axis=1, keepdims=True)
+    _, text, owner = _one_by_one(bundle, [(f["cb"] / n).read_bytes() for n in f["names"]], f["captions"])
+    want = reference_recall(stored, text, owner)
+    assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-9)
