@@ -361,3 +361,36 @@ def test_index_retrieval_metrics_pair_every_caption(flickr_like, tmp_path):
     _, text, owner = _one_by_one(bundle, [(f["cb"] / n).read_bytes() for n in f["names"]], f["captions"])
     want = reference_recall(stored, text, owner)
     assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-9)
+
+
+def test_agrees_with_clip_benchmark_zeroshot_retrieval(tmp_path):
+    """Same model, same images, same annotation file: our recalls and CLIP_benchmark's zeroshot_retrieval
+    (its Flickr dataset reader and evaluate) agree within 0.005, every K both ways. CLIP_benchmark breaks score
+    ties by torch.topk's order and ours go to the true match; with real-valued embeddings there are none."""
+    pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval", reason="clip-benchmark (dev extra) is missing")
+    import torch
+    from clip_benchmark.datasets.flickr import Flickr
+    from clip_benchmark.metrics.zeroshot_retrieval import evaluate
+    from torch.utils.data import DataLoader, default_collate
+
+    from contrastive.config import ModelConfig
+    from contrastive.models import build_model
+    from eval.retrieval import score_retrieval
+
+    f = build_flickr_like(tmp_path, num_images=40)
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(name="tiny-vit-32"))
+    bundle.model.eval()
+    ann = f["cb"] / "flickr8k_test_karpathy.txt"
+    dataset = Flickr(root=str(f["cb"]), ann_file=str(ann), transform=bundle.preprocess_val)
+    # CLIP_benchmark's image_captions_collate_fn (builder.py): images stacked, caption lists kept as they are.
+    loader = DataLoader(dataset, batch_size=16, collate_fn=lambda b: (default_collate([x for x, _ in b]),
+                                                                      [y for _, y in b]))
+    # amp off: on a CPU CLIP_benchmark's autocast would run the towers in bfloat16, which ours does not.
+    theirs = evaluate(bundle.model, loader, bundle.tokenizer, "cpu", amp=False, recall_k_list=list(KS))
+    ours = score_retrieval(bundle, str(f["cb"]), batch_size=7)
+    assert (ours["num_images"], ours["num_texts"]) == (40, sum(len(c) for c in f["captions"]))
+    assert set(theirs) == {k for k in ours if "@" in k}
+    for key, value in theirs.items():
+        assert abs(ours[key] - value) <= 0.005, (key, ours[key], value)
+    assert 0.05 < ours["text_retrieval_recall@5"] < 0.95 and 0.05 < ours["image_retrieval_recall@5"] < 0.95
