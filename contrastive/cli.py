@@ -152,6 +152,21 @@ def cmd_zeroshot(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- retrieval
+
+def cmd_retrieval(args) -> int:
+    from eval.retrieval import run_cli
+
+    result = run_cli(args)
+    m = result["metrics"]
+    print(f"retrieval on {result['num_images']} images, {result['num_texts']} captions: mean recall "
+          f"{m['mean_recall']:.4f}; text->image " + " ".join(f"R@{k} {m[f'image_retrieval_recall@{k}']:.4f}"
+                                                            for k in (1, 5, 10))
+          + "; image->text " + " ".join(f"R@{k} {m[f'text_retrieval_recall@{k}']:.4f}" for k in (1, 5, 10))
+          + f"; results: {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------- index, search, arith-eval
 
 def cmd_index(args) -> int:
@@ -364,6 +379,27 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     zs.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many images (0: all)")
     zs.set_defaults(func=cmd_zeroshot)
+
+    rt = sub.add_parser("retrieval", help="image<->text retrieval Recall@1/5/10 with every caption of each image",
+                        formatter_class=_Formatter,
+                        description="The standard protocol: text->image Recall@K over every caption "
+                                    "(image_retrieval_recall@K) and image->text Recall@K where a hit is any of the "
+                                    "image's captions in the top K (text_retrieval_recall@K), K = 1, 5, 10, and "
+                                    "mean_recall (their mean), in CLIP_benchmark's names and result shape. Ties go "
+                                    "to the true match.")
+    rt.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
+    rt.add_argument("--data", required=True,
+                    help="WebDataset shard spec or folder of .tar shards (captions: the .json's 'captions' list, "
+                         "else the .txt's lines); a Kaggle Flickr folder (captions.txt CSV 'image,caption' and "
+                         "Images/); or CLIP_benchmark's flickr root (flickr8k_test_karpathy.txt or "
+                         "flickr30k_test_karpathy.txt beside the images) or such an annotation file itself")
+    rt.add_argument("--output", required=True, help="JSON results file")
+    rt.add_argument("--images-list", default=None, metavar="FILE",
+                    help="folder layouts: keep only the images named in FILE (one a line), e.g. "
+                         "Flickr_8k.devImages.txt")
+    rt.add_argument("--batch-size", type=int, default=256, help="images or captions per forward pass")
+    rt.add_argument("--max-samples", type=int, default=0, help="score the first this many images only (0: all)")
+    rt.set_defaults(func=cmd_retrieval)
 
     ix = sub.add_parser("index", help="embed a shard set and build a FAISS index for search",
                         formatter_class=_Formatter,

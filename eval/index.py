@@ -426,6 +426,27 @@ def clear_index_dir(directory: Path, *, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def indexed_captions(bundle, meta, text_ND: np.ndarray, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(caption_MD, caption -> row) of every caption of each indexed row: its JSON's `captions` list, else its
+    caption's lines (eval/captioned.py). The index holds one text embedding per row (of the sample's .txt), which
+    serves as is when that is the row's only caption; otherwise the captions are encoded here."""
+    from eval.captioned import caption_list
+    from eval.retrieval import captions_of, encode_captions
+
+    def listed(extra):  # eval/embed.py stores a JSON list as its JSON text
+        try:
+            return json.loads(extra) if isinstance(extra, str) else None
+        except ValueError:
+            return None
+
+    extras = meta["captions"] if "captions" in meta.columns else [None] * len(meta)
+    per_row = [caption_list(text, listed(extra)) for text, extra in zip(meta["caption"], extras)]
+    if all(captions == [text] for captions, text in zip(per_row, meta["caption"])):
+        return text_ND, np.arange(len(text_ND))
+    flat, owner_M = captions_of(per_row)
+    return encode_captions(bundle, flat, batch_size=batch_size), owner_M
+
+
 def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int = 256, kind: str = "auto",
                     target_recall: float = 0.95, nlist: int = 0, max_flat_gb: float = 16.0,
                     exact_max: int = EXACT_MAX, overwrite: bool = False, seed: int = 0,
@@ -447,7 +468,7 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
     bundle, info = load_for_inference(model)
     move_to_gpu(bundle)
     summary = write_embeddings(bundle, data, out, batch_size=batch_size)
-    image_ND, text_ND, _ = read_embeddings(out)
+    image_ND, text_ND, meta = read_embeddings(out)
     image_ND, text_ND = image_ND.astype(np.float32), text_ND.astype(np.float32)
     faiss.normalize_L2(image_ND)  # float16 storage leaves norms within ~1e-3 of 1
     faiss.normalize_L2(text_ND)
@@ -458,10 +479,11 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
     params.extra = {"model": str(Path(model).resolve()), "model_checkpoint": info.get("checkpoint"),
                     "model_step": info.get("step"), "data": data, "embeddings": summary,
                     "gpu": gpu_available()}
-    if retrieval_metrics:  # each image with its own caption, exact and chunked (eval/retrieval.py)
+    if retrieval_metrics:  # each image with every caption of it, exact and chunked (eval/retrieval.py)
         from eval.retrieval import retrieval_recall
 
-        params.extra["retrieval"] = retrieval_recall(image_ND, text_ND, np.arange(len(text_ND)))
+        params.extra["retrieval"] = retrieval_recall(image_ND, *indexed_captions(bundle, meta, text_ND,
+                                                                                 batch_size=batch_size))
         (out / "retrieval.json").write_text(json.dumps(params.extra["retrieval"], indent=2))
     save_index(index, params, out)
     return params

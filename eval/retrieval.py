@@ -61,6 +61,7 @@ def retrieval_recall(image_ND: np.ndarray, text_MD: np.ndarray, text_to_image_M:
     image_retrieval_recall@k: text -> image (each caption finds its image among the N images).
     text_retrieval_recall@k: image -> text (each image finds any of its captions among the M captions); images
     without a caption are left out and counted in `num_images_without_caption`.
+    mean_recall: the mean of all of these (the six of R@1/5/10 both ways), the usual single figure.
     """
     text_to_image_M = np.asarray(text_to_image_M, dtype=np.int64)
     num_images, num_texts = len(image_ND), len(text_MD)
@@ -105,84 +106,140 @@ def retrieval_recall(image_ND: np.ndarray, text_MD: np.ndarray, text_to_image_M:
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = t2i[k] / num_texts
         out[f"text_retrieval_recall@{k}"] = i2t[k] / max(1, len(image_ids))
+    out["mean_recall"] = float(np.mean(list(out.values())))
     out.update(num_images=num_images, num_texts=num_texts,
                num_images_without_caption=int(num_images - len(image_ids)))
     return out
 
 
-def captions_of(texts: list[str]) -> tuple[list[str], np.ndarray]:
-    """Sample captions -> (flat caption list, caption -> sample index); a multi-line text is several captions,
-    as CLIP_benchmark's retrieval shards store them."""
-    flat, owner = [], []
-    for i, text in enumerate(texts):
-        for line in (text.splitlines() or [text]):
-            if line.strip():
-                flat.append(line.strip())
-                owner.append(i)
-    return flat, np.asarray(owner, dtype=np.int64)
+def captions_of(captions_per_image: list[list[str]]) -> tuple[list[str], np.ndarray]:
+    """Each image's captions -> (flat caption list, caption -> image index)."""
+    flat = [caption for captions in captions_per_image for caption in captions]
+    owner = np.repeat(np.arange(len(captions_per_image), dtype=np.int64), [len(c) for c in captions_per_image])
+    return flat, owner
 
 
 class RetrievalEvaluator:
-    """Plug-in for the training loop: image<->text Recall@1/5/10 on a captioned shard set (cfg.data)."""
+    """Plug-in for the training loop: image<->text Recall@1/5/10 and their mean on a captioned set (cfg.data: a
+    shard spec or a folder eval/captioned.py reads), every caption of each image."""
 
     def __init__(self, cfg: EvaluatorConfig, *, batch_size: int = 256):
-        from contrastive.data import expand_sources
+        from eval.captioned import open_captioned
 
         if not cfg.data:
             raise UserError("the retrieval evaluator needs `data` (a shard spec of image-caption pairs)")
-        expand_sources(cfg.data)
+        open_captioned(cfg.data)  # checks paths before training starts
         self.cfg, self.batch_size = cfg, batch_size
         self.tag = cfg.tag or "retrieval"
 
     def __call__(self, bundle) -> dict:
-        image_ND, text_MD, owner_M = embed_captioned(bundle, self.cfg.data, batch_size=self.batch_size,
-                                                     max_samples=self.cfg.max_samples)
-        metrics = retrieval_recall(image_ND, text_MD, owner_M)
-        return {k: v for k, v in metrics.items() if "recall@" in k}
+        metrics = score_retrieval(bundle, self.cfg.data, batch_size=self.batch_size, max_samples=self.cfg.max_samples)
+        return {k: v for k, v in metrics.items() if "recall" in k}
 
 
-def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: int = 0):
-    """(image_ND, caption_MD, caption -> image index) of the readable samples among the first `max_samples`
-    (0: all), as float32 arrays. On several ranks each encodes its share of the images and of the captions
-    (see contrastive.evaluators.encode_sharded) and every rank returns the whole set's, in sample order."""
-    import torch
-    from PIL import Image
-
-    from contrastive.data import decode_image, eval_samples
+def encode_captions(bundle, captions: list[str], *, batch_size: int = 256) -> np.ndarray:
+    """(M, D) float32 unit embeddings of `captions`, in order; on several ranks each encodes every W-th one
+    (all ranks must call this together, see contrastive.evaluators.encode_sharded)."""
     from contrastive.distributed import rank_and_world_size
     from contrastive.evaluators import FeatureEncoder, encode_sharded
 
+    rank, world_size = rank_and_world_size()
+    encoder = FeatureEncoder(bundle.model)
+    text_MD, _ = encode_sharded(((m, text, None) for m, text in enumerate(captions) if m % world_size == rank),
+                                lambda batch: encoder.encode_text(bundle.tokenizer(batch)), dummy="",
+                                batch_size=batch_size)
+    return text_MD.numpy()
+
+
+def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: int = 0,
+                    images_list: str | None = None, progress: bool = False):
+    """(image_ND, caption_MD, caption -> image index) of the readable, captioned images among the first
+    `max_samples` (0: all) of `data` (any layout eval/captioned.py reads), every caption of each image, as
+    float32 arrays. On several ranks each encodes its share of the images and of the captions (see
+    contrastive.evaluators.encode_sharded) and every rank returns the whole set's, in sample order."""
+    import torch
+    from PIL import Image
+
+    from contrastive.data import decode_image
+    from contrastive.distributed import rank_and_world_size
+    from contrastive.evaluators import FeatureEncoder, encode_sharded
+    from eval.captioned import open_captioned
+
     model = bundle.model
+    source = open_captioned(data, images_list=images_list)
     rank, world_size = rank_and_world_size()
     encoder = FeatureEncoder(model)
 
+    def load(image):
+        if isinstance(image, bytes):
+            return decode_image(image)
+        with Image.open(image) as img:
+            return img.convert("RGB")
+
     def own_samples():
-        """(index, image, caption) of this rank's readable samples; only those are decoded."""
-        for n, sample in enumerate(eval_samples(data)):
-            if max_samples and n >= max_samples:
-                return
-            if n % world_size != rank:
-                continue
-            raw = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-            if raw is None or "txt" not in sample:
+        """(index, image, captions) of this rank's readable samples; only those are decoded."""
+        for n, image, captions in source.samples(max_samples=max_samples):
+            if n % world_size != rank or image is None or not captions:
                 continue
             try:
-                image = bundle.preprocess_val(decode_image(raw))
-            except Exception:
+                yield n, bundle.preprocess_val(load(image)), captions
+            except Exception:  # an unreadable image is skipped, as every reader of shards here does
                 continue
-            yield n, image, sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
 
+    rows = own_samples()
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc="retrieval: images", unit="img", disable=rank != 0)
     was_training = model.training
     model.eval()
     try:
-        image_ND, texts = encode_sharded(own_samples(), lambda batch: encoder.encode_image(torch.stack(batch)),
-                                         dummy=bundle.preprocess_val(Image.new("RGB", (8, 8))), batch_size=batch_size)
-        if not texts:  # every rank has gathered the same (empty) list, so all stop here together
+        image_ND, captions = encode_sharded(rows, lambda batch: encoder.encode_image(torch.stack(batch)),
+                                            dummy=bundle.preprocess_val(Image.new("RGB", (8, 8))),
+                                            batch_size=batch_size)
+        if not captions:  # every rank has gathered the same (empty) list, so all stop here together
             raise UserError(f"no readable (image, caption) samples in {data}")
-        flat, owner = captions_of(texts)
-        text_MD, _ = encode_sharded(((m, text, None) for m, text in enumerate(flat) if m % world_size == rank),
-                                    lambda batch: encoder.encode_text(bundle.tokenizer(batch)), dummy="",
-                                    batch_size=batch_size)
+        flat, owner = captions_of(captions)
+        text_MD = encode_captions(bundle, flat, batch_size=batch_size)
     finally:
         model.train(was_training)
-    return image_ND.numpy(), text_MD.numpy(), owner
+    return image_ND.numpy(), text_MD, owner
+
+
+def score_retrieval(bundle, data: str, *, batch_size: int = 256, max_samples: int = 0,
+                    images_list: str | None = None, progress: bool = False) -> dict:
+    """Image<->text retrieval of `bundle` (.model, .preprocess_val, .tokenizer) on a captioned set, every caption
+    of each image: the retrieval_recall dict (R@1/5/10 both ways, mean_recall, num_images, num_texts)."""
+    image_ND, text_MD, owner_M = embed_captioned(bundle, data, batch_size=batch_size, max_samples=max_samples,
+                                                 images_list=images_list, progress=progress)
+    return retrieval_recall(image_ND, text_MD, owner_M)
+
+
+def run_cli(args) -> dict:
+    """`contrastive retrieval`: score a saved model (run, checkpoint or export directory) on a captioned set and
+    write CLIP_benchmark's result shape to --output."""
+    import json
+    from pathlib import Path
+
+    from contrastive.checkpoint import load_for_inference
+    from eval.captioned import open_captioned
+    from eval.index import move_to_gpu
+
+    if args.batch_size <= 0 or args.max_samples < 0:
+        raise UserError("--batch-size must be > 0 and --max-samples >= 0")
+    if not Path(args.model).exists():  # before reading any data
+        raise UserError(f"--model {args.model} does not exist")
+    layout = open_captioned(args.data, images_list=args.images_list).layout  # data errors before loading
+    bundle, info = load_for_inference(args.model)
+    move_to_gpu(bundle)
+    scores = score_retrieval(bundle, args.data, batch_size=args.batch_size, max_samples=args.max_samples,
+                             images_list=args.images_list, progress=True)
+    result = {"dataset": args.data, "model": str(args.model), "task": "zeroshot_retrieval",
+              "metrics": {k: v for k, v in scores.items() if "recall" in k},
+              **{k: v for k, v in scores.items() if k.startswith("num_")},
+              "layout": layout, "images_list": args.images_list, "max_samples": args.max_samples,
+              "model_checkpoint": info.get("checkpoint"), "model_step": info.get("step")}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    return result

@@ -1,7 +1,8 @@
 """Evaluation inside training: sharded over ranks with the 1-rank result, in the model's dtype, under ZeRO-3.
 
 The eval set here has an odd number of samples (so ranks get unequal shares and encode padding batches), an
-unreadable image, a sample without a caption and a two-line caption (two captions of one image).
+unreadable image, a sample without a caption, a two-line caption (two captions of one image) and a sample with
+three captions in its JSON.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ TEMPLATES = ["a {c} shape", "something {c}"]
 
 @pytest.fixture(scope="module")
 def eval_shard(synthetic_data, tmp_path_factory) -> str:
-    """The first NUM_EVAL validation samples; #5's image is unreadable, #9 has no caption, #11 two captions."""
+    """The first NUM_EVAL validation samples; #5's image is unreadable, #9 has no caption, #11 two captions (two
+    lines of .txt), #13 three (its JSON's `captions`)."""
     import webdataset as wds
 
     from contrastive.data import eval_samples
@@ -37,6 +39,10 @@ def eval_shard(synthetic_data, tmp_path_factory) -> str:
                 del sample["txt"]
             if n == 11:
                 sample["txt"] = sample["txt"] + b"\nthe same picture in other words"
+            if n == 13:  # every caption in the JSON, the first one in .txt (the multi-caption shard format)
+                record = json.loads(sample["json"])
+                record["captions"] = [sample["txt"].decode(), "a second caption", "a third caption"]
+                sample["json"] = json.dumps(record).encode()
             sink.write(sample)
     return str(path)
 
@@ -95,10 +101,10 @@ def test_two_ranks_evaluate_as_one_rank_does(tmp_path, eval_shard):
     torch.testing.assert_close(torch.from_numpy(one["image_ND"]), expected_ND[captioned], rtol=0, atol=1e-5)
     colours = [json.loads(s["json"])["color"] for s in readable]
     assert one["labels"].tolist() == [one["classes"].index(c) for c in colours]
-    assert one["owner_M"].tolist() == [i for i, n in enumerate(captioned) for _ in range(2 if n == 10 else 1)]
+    assert one["owner_M"].tolist() == [i for i, n in enumerate(captioned) for _ in range({10: 2, 12: 3}.get(n, 1))]
 
     # One process encodes the 36 readable images (zeroshot), the 35 of them with a caption (retrieval), the 6 x 2
-    # class prompts and 36 captions; each of two ranks its half, plus a padding row wherever it has a round less.
+    # class prompts and 38 captions; each of two ranks its half, plus a padding row wherever it has a round less.
     num_classes = len(one["classes"])
     assert one["rows"] == {"image": 2 * NUM_EVAL - 3, "text": num_classes * len(TEMPLATES) + len(one["owner_M"])}
     # Rank 0 holds the even samples: 19 readable, all captioned. Rank 1 the odd ones: 17 readable, 16 captioned,
