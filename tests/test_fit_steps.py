@@ -12,13 +12,14 @@ from tests.conftest import REPO
 from tests.dist import run_ranks
 
 LR, MIN_LR_RATIO = 1e-3, 0.1
-MAX_TIME_S, RESERVE_S = 30.0, 3.0
+MAX_TIME_S, RESERVE_S = 20.0, 2.0
 STEP_S, STARTUP_STEPS, STARTUP_STEP_S = 1.0, 2, 4.0  # the first steps pay start-up: 4 s, then 1 s each
 
 
 def _overrides(tiny_overrides, *extra) -> list[str]:
-    return [o for o in tiny_overrides if not o.startswith(("train.steps", "train.log_every", "optim.warmup"))] + [
-        "train.steps=40", "train.log_every=1", "train.checkpoint_every=100", f"optim.lr={LR}",
+    return [o for o in tiny_overrides if not o.startswith(("train.steps", "train.log_every", "optim.warmup",
+                                                           "train.batch_size"))] + [
+        "train.steps=30", "train.batch_size=16", "train.log_every=1", "train.checkpoint_every=100", f"optim.lr={LR}",
         f"optim.min_lr_ratio={MIN_LR_RATIO}", "optim.warmup_steps=10", f"train.max_time_s={MAX_TIME_S}",
         "train.fit_steps_to_time=true", "train.fit_skip_steps=2", "train.fit_measure_steps=4",
         f"train.fit_reserve_s={RESERVE_S}", *extra]
@@ -44,7 +45,7 @@ def _slow_machine(train_module, *, costs_s: list[float], stop_after: int = 0) ->
 
 
 def _costs(*, hiccup_at: int = -1, hiccup_s: float = 0.0) -> list[float]:
-    costs = [STARTUP_STEP_S] * STARTUP_STEPS + [STEP_S] * 40
+    costs = [STARTUP_STEP_S] * STARTUP_STEPS + [STEP_S] * 30
     if hiccup_at >= 0:
         costs[hiccup_at] += hiccup_s
     return costs
@@ -85,7 +86,7 @@ def test_planned_steps_fill_the_budget_and_the_schedule_ends_with_them(tmp_path,
 
     costs = _costs()
     expected = _steps_that_fit(costs, MAX_TIME_S - RESERVE_S)
-    assert 15 < expected < 40  # the upper bound train.steps=40 does not decide it
+    assert 8 < expected < 30  # the upper bound train.steps=30 does not decide it
     monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
     monkeypatch.setattr(train_module, "train_step", train_module.train_step)
     _slow_machine(train_module, costs_s=costs)
@@ -109,7 +110,7 @@ def test_planned_steps_fill_the_budget_and_the_schedule_ends_with_them(tmp_path,
 
 
 def test_without_the_fit_the_same_machine_cuts_the_schedule(tmp_path, tiny_overrides, monkeypatch):
-    """The problem the fit solves, on the same fake machine: train.steps=40 planned, max_time_s stops it early."""
+    """The problem the fit solves, on the same fake machine: train.steps=30 planned, max_time_s stops it early."""
     import contrastive.train as train_module
 
     monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
@@ -118,7 +119,7 @@ def test_without_the_fit_the_same_machine_cuts_the_schedule(tmp_path, tiny_overr
     run = tmp_path / "run"
     result = train_module.train(load_config(None, _overrides(tiny_overrides, "train.fit_steps_to_time=false")), run,
                                 progress=False)
-    assert result.preempted and result.step < 40
+    assert result.preempted and result.step < 30
     assert _train_lrs(run)[result.step] > 2 * LR * MIN_LR_RATIO  # cut part way down the cosine
 
 
@@ -132,9 +133,9 @@ def test_a_fit_after_the_warmup_bends_the_cosine_without_a_jump(tmp_path, tiny_o
     result = train_module.train(load_config(None, _overrides(tiny_overrides, "optim.warmup_steps=3")), run,
                                 progress=False)
     lrs = _train_lrs(run)
-    # Until the fit at step 6 the cosine over train.steps=40; then from there down to its floor at the plan.
+    # Until the fit at step 6 the cosine over train.steps=30; then from there down to its floor at the plan.
     for step in range(1, 7):
-        assert lrs[step] == pytest.approx(_cosine_lr(step, total=40, warmup=3), rel=1e-6), step
+        assert lrs[step] == pytest.approx(_cosine_lr(step, total=30, warmup=3), rel=1e-6), step
     after = [lrs[s] for s in range(6, result.step + 1)]
     assert all(a > b for a, b in zip(after, after[1:]))
     assert max(a - b for a, b in zip(after, after[1:])) < 0.25 * LR  # no jump at the fit
@@ -153,12 +154,12 @@ def test_a_resume_keeps_the_plan_and_the_lr_of_every_step(tmp_path, tiny_overrid
 
     run = tmp_path / "interrupted"
     train_module.train_step = real_step
-    _slow_machine(train_module, costs_s=_costs(), stop_after=12)  # stopped after the fit (step 6), checkpointed
+    _slow_machine(train_module, costs_s=_costs(), stop_after=8)  # stopped after the fit (step 6), checkpointed
     first = train_module.train(cfg, run, progress=False)
-    assert first.preempted and first.step == 13 and _state(run)["step_plan"]["steps"] == ref.step
+    assert first.preempted and first.step == 9 and _state(run)["step_plan"]["steps"] == ref.step
     # The resumed process measures nothing new: it restarts slower (its own start-up), which a refit would see.
     train_module.train_step = real_step
-    _slow_machine(train_module, costs_s=[1.5] * 3 + [STEP_S])
+    _slow_machine(train_module, costs_s=[1.2] * 3 + [STEP_S])
     second = train_module.train(load_config(None, _overrides(tiny_overrides, "train.resume=latest")), run,
                                 progress=False)
     assert (second.step, second.preempted) == (ref.step, False)
@@ -169,15 +170,15 @@ def test_a_resume_keeps_the_plan_and_the_lr_of_every_step(tmp_path, tiny_overrid
 def _rank_body(rank, world_size, overrides, run_dir):
     import contrastive.train as train_module
 
-    # Rank 1's clock sees a 2 s hiccup inside the measured steps: alone it would plan fewer steps than rank 0.
-    _slow_machine(train_module, costs_s=_costs(hiccup_at=4 if rank == 1 else -1, hiccup_s=2.0))
+    # Rank 1's clock sees a 1 s hiccup inside the measured steps: alone it would plan fewer steps than rank 0.
+    _slow_machine(train_module, costs_s=_costs(hiccup_at=4 if rank == 1 else -1, hiccup_s=1.0))
     result = train_module.train(load_config(None, overrides), run_dir, progress=False)
     return {"step": result.step, "preempted": result.preempted}
 
 
 def test_two_ranks_adopt_rank_0s_plan_and_stop_together(tmp_path, tiny_overrides):
     expected = _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
-    assert _steps_that_fit(_costs(hiccup_at=4, hiccup_s=2.0), MAX_TIME_S - RESERVE_S) < expected
+    assert _steps_that_fit(_costs(hiccup_at=4, hiccup_s=1.0), MAX_TIME_S - RESERVE_S) < expected
     run = tmp_path / "run"
     results = run_ranks(_rank_body, world_size=2, args=(_overrides(tiny_overrides), run), timeout_s=90)
     assert results == [{"step": expected, "preempted": False}] * 2
