@@ -136,10 +136,31 @@ def test_a_fit_after_the_warmup_bends_the_cosine_without_a_jump(tmp_path, tiny_o
     # Until the fit at step 6 the cosine over train.steps=30; then from there down to its floor at the plan.
     for step in range(1, 7):
         assert lrs[step] == pytest.approx(_cosine_lr(step, total=30, warmup=3), rel=1e-6), step
-    after = [lrs[s] for s in range(6, result.step + 1)]
-    assert all(a > b for a, b in zip(after, after[1:]))
-    assert max(a - b for a, b in zip(after, after[1:])) < 0.25 * LR  # no jump at the fit
-    assert lrs[result.step] == pytest.approx(LR * MIN_LR_RATIO) and not result.preempted
+    # From the fit on, the cosine's progress goes on from where it stood (3/27 of the way) to 1 at the plan.
+    planned, at_fit = result.step, (6 - 3) / (30 - 3)
+    for step in range(6, planned + 1):
+        progress = at_fit + (1 - at_fit) * (step - 6) / (planned - 6)
+        expected = LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * (1 + math.cos(math.pi * progress)) / 2)
+        assert lrs[step] == pytest.approx(expected, rel=1e-6), step
+    after = [lrs[s] for s in range(3, planned + 1)]
+    assert all(a > b for a, b in zip(after, after[1:])) and not result.preempted
+    assert lrs[planned] == pytest.approx(LR * MIN_LR_RATIO)
+
+
+def test_with_sync_every_the_step_time_is_measured_at_steps_the_host_read(tmp_path, tiny_overrides, monkeypatch):
+    """train.sync_every=3: between reads the host runs ahead of the device, so the window runs from the first read
+    step after the skipped ones (3) to the first read step 4 steps later (9), not from step 2 to step 6."""
+    import contrastive.train as train_module
+
+    monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
+    monkeypatch.setattr(train_module, "train_step", train_module.train_step)
+    _slow_machine(train_module, costs_s=_costs())
+    run = tmp_path / "run"
+    result = train_module.train(load_config(None, _overrides(tiny_overrides, "train.sync_every=3", "train.log_every=3")),
+                                run, progress=False)
+    (plan_record,) = [r for r in _records(run) if "planned_steps" in r]
+    assert plan_record["step"] == 9 and plan_record["step_time_s"] == pytest.approx(STEP_S)
+    assert result.step == plan_record["planned_steps"] == _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
 
 
 def test_a_resume_keeps_the_plan_and_the_lr_of_every_step(tmp_path, tiny_overrides, monkeypatch):
@@ -180,7 +201,7 @@ def test_two_ranks_adopt_rank_0s_plan_and_stop_together(tmp_path, tiny_overrides
     expected = _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
     assert _steps_that_fit(_costs(hiccup_at=4, hiccup_s=1.0), MAX_TIME_S - RESERVE_S) < expected
     run = tmp_path / "run"
-    results = run_ranks(_rank_body, world_size=2, args=(_overrides(tiny_overrides), run), timeout_s=90)
+    results = run_ranks(_rank_body, world_size=2, args=(_overrides(tiny_overrides), run), timeout_s=60)
     assert results == [{"step": expected, "preempted": False}] * 2
     (plan_record,) = [r for r in _records(run) if "planned_steps" in r]
     assert plan_record["planned_steps"] == expected == _state(run)["step_plan"]["steps"]
