@@ -81,17 +81,28 @@ def _state(run) -> dict:
     return json.loads((run / "checkpoints" / latest / "state.json").read_text())
 
 
-def test_planned_steps_fill_the_budget_and_the_schedule_ends_with_them(tmp_path, tiny_overrides, monkeypatch):
+@pytest.fixture()
+def train_slowly(monkeypatch):
+    """train() on the fake slow machine of _slow_machine: (run_dir, overrides, costs_s=_costs(), stop_after=0)."""
     import contrastive.train as train_module
 
-    costs = _costs()
-    expected = _steps_that_fit(costs, MAX_TIME_S - RESERVE_S)
-    assert 8 < expected < 30  # the upper bound train.steps=30 does not decide it
+    real_step = train_module.train_step
     monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
-    monkeypatch.setattr(train_module, "train_step", train_module.train_step)
-    _slow_machine(train_module, costs_s=costs)
+    monkeypatch.setattr(train_module, "train_step", real_step)
+
+    def run(run_dir, overrides: list[str], *, costs_s: list[float] | None = None, stop_after: int = 0):
+        train_module.train_step = real_step
+        _slow_machine(train_module, costs_s=costs_s or _costs(), stop_after=stop_after)
+        return train_module.train(load_config(None, overrides), run_dir, progress=False)
+
+    return run
+
+
+def test_planned_steps_fill_the_budget_and_the_schedule_ends_with_them(tmp_path, tiny_overrides, train_slowly):
+    expected = _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
+    assert 8 < expected < 30  # the upper bound train.steps=30 does not decide it
     run = tmp_path / "run"
-    result = train_module.train(load_config(None, _overrides(tiny_overrides)), run, progress=False)
+    result = train_slowly(run, _overrides(tiny_overrides))
 
     assert (result.step, result.preempted) == (expected, False)
     (plan_record,) = [r for r in _records(run) if "planned_steps" in r]
@@ -109,29 +120,17 @@ def test_planned_steps_fill_the_budget_and_the_schedule_ends_with_them(tmp_path,
     assert lrs[expected] == pytest.approx(LR * MIN_LR_RATIO)
 
 
-def test_without_the_fit_the_same_machine_cuts_the_schedule(tmp_path, tiny_overrides, monkeypatch):
+def test_without_the_fit_the_same_machine_cuts_the_schedule(tmp_path, tiny_overrides, train_slowly):
     """The problem the fit solves, on the same fake machine: train.steps=30 planned, max_time_s stops it early."""
-    import contrastive.train as train_module
-
-    monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
-    monkeypatch.setattr(train_module, "train_step", train_module.train_step)
-    _slow_machine(train_module, costs_s=_costs())
     run = tmp_path / "run"
-    result = train_module.train(load_config(None, _overrides(tiny_overrides, "train.fit_steps_to_time=false")), run,
-                                progress=False)
+    result = train_slowly(run, _overrides(tiny_overrides, "train.fit_steps_to_time=false"))
     assert result.preempted and result.step < 30
     assert _train_lrs(run)[result.step] > 2 * LR * MIN_LR_RATIO  # cut part way down the cosine
 
 
-def test_a_fit_after_the_warmup_bends_the_cosine_without_a_jump(tmp_path, tiny_overrides, monkeypatch):
-    import contrastive.train as train_module
-
-    monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
-    monkeypatch.setattr(train_module, "train_step", train_module.train_step)
-    _slow_machine(train_module, costs_s=_costs())
+def test_a_fit_after_the_warmup_bends_the_cosine_without_a_jump(tmp_path, tiny_overrides, train_slowly):
     run = tmp_path / "run"
-    result = train_module.train(load_config(None, _overrides(tiny_overrides, "optim.warmup_steps=3")), run,
-                                progress=False)
+    result = train_slowly(run, _overrides(tiny_overrides, "optim.warmup_steps=3"))
     lrs = _train_lrs(run)
     # Until the fit at step 6 the cosine over train.steps=30; then from there down to its floor at the plan.
     for step in range(1, 7):
@@ -147,42 +146,23 @@ def test_a_fit_after_the_warmup_bends_the_cosine_without_a_jump(tmp_path, tiny_o
     assert lrs[planned] == pytest.approx(LR * MIN_LR_RATIO)
 
 
-def test_with_sync_every_the_step_time_is_measured_at_steps_the_host_read(tmp_path, tiny_overrides, monkeypatch):
+def test_with_sync_every_the_step_time_is_measured_at_steps_the_host_read(tmp_path, tiny_overrides, train_slowly):
     """train.sync_every=3: between reads the host runs ahead of the device, so the window runs from the first read
     step after the skipped ones (3) to the first read step 4 steps later (9), not from step 2 to step 6."""
-    import contrastive.train as train_module
-
-    monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
-    monkeypatch.setattr(train_module, "train_step", train_module.train_step)
-    _slow_machine(train_module, costs_s=_costs())
     run = tmp_path / "run"
-    result = train_module.train(load_config(None, _overrides(tiny_overrides, "train.sync_every=3", "train.log_every=3")),
-                                run, progress=False)
+    result = train_slowly(run, _overrides(tiny_overrides, "train.sync_every=3", "train.log_every=3"))
     (plan_record,) = [r for r in _records(run) if "planned_steps" in r]
     assert plan_record["step"] == 9 and plan_record["step_time_s"] == pytest.approx(STEP_S)
     assert result.step == plan_record["planned_steps"] == _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
 
 
-def test_a_resume_keeps_the_plan_and_the_lr_of_every_step(tmp_path, tiny_overrides, monkeypatch):
-    import contrastive.train as train_module
-
-    monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
-    monkeypatch.setattr(train_module, "train_step", train_module.train_step)
-    real_step = train_module.train_step
-    cfg = load_config(None, _overrides(tiny_overrides))
-    _slow_machine(train_module, costs_s=_costs())
-    ref = train_module.train(cfg, tmp_path / "uninterrupted", progress=False)
-
+def test_a_resume_keeps_the_plan_and_the_lr_of_every_step(tmp_path, tiny_overrides, train_slowly):
+    ref = train_slowly(tmp_path / "uninterrupted", _overrides(tiny_overrides))
     run = tmp_path / "interrupted"
-    train_module.train_step = real_step
-    _slow_machine(train_module, costs_s=_costs(), stop_after=8)  # stopped after the fit (step 6), checkpointed
-    first = train_module.train(cfg, run, progress=False)
+    first = train_slowly(run, _overrides(tiny_overrides), stop_after=8)  # stopped after the fit (step 6)
     assert first.preempted and first.step == 9 and _state(run)["step_plan"]["steps"] == ref.step
     # The resumed process measures nothing new: it restarts slower (its own start-up), which a refit would see.
-    train_module.train_step = real_step
-    _slow_machine(train_module, costs_s=[1.2] * 3 + [STEP_S])
-    second = train_module.train(load_config(None, _overrides(tiny_overrides, "train.resume=latest")), run,
-                                progress=False)
+    second = train_slowly(run, _overrides(tiny_overrides, "train.resume=latest"), costs_s=[1.2] * 3 + [STEP_S])
     assert (second.step, second.preempted) == (ref.step, False)
     assert _train_lrs(run) == _train_lrs(tmp_path / "uninterrupted")
     assert [r["planned_steps"] for r in _records(run) if "planned_steps" in r] == [ref.step]
