@@ -39,8 +39,8 @@ class StepPlan:
 
     def restore(self, saved: dict, *, max_steps: int) -> None:
         """Adopt a checkpoint's plan; a lower train.steps on resume still caps it."""
-        for key, value in saved.items():
-            setattr(self, key, value)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))(saved[f.name]))
         self.steps = min(self.steps, max_steps)
 
     def cosine_progress(self, step: int, warmup_steps: int) -> float:
