@@ -259,6 +259,22 @@ class TrainConfig:
     accum_steps: int = 1
     # Stop (with a checkpoint) once this much wall-clock time has passed; 0 means no limit.
     max_time_s: float = 0.0
+    # Plan the run's total steps from its own step time, so that the cosine schedule ends by max_time_s on any
+    # machine (contrastive/step_plan.py): after fit_skip_steps steps (worker start-up, compilation), the
+    # seconds per step over the next fit_measure_steps, on the clock max_time_s counts and at steps where the
+    # host has waited for the device, give planned steps = steps done + (max_time_s - elapsed - fit_reserve_s)
+    # / step time. train.steps stays an upper bound: a faster machine trains the schedule the recipe was tuned
+    # on (same result, sooner) instead of a longer one nobody tuned; set train.steps high to fill the budget
+    # instead. Rank 0's plan is broadcast, saved in checkpoints (a resume keeps it, and with it the lr of every
+    # step) and logged (a `planned_steps` record in metrics.jsonl, RUN/step_plan.json). A fit after
+    # optim.warmup_steps bends the cosine from where it stands, so the lr never jumps; measured within the
+    # warmup it is the plain cosine over the planned steps.
+    fit_steps_to_time: bool = False
+    fit_skip_steps: int = 5
+    fit_measure_steps: int = 20
+    # Seconds of max_time_s the plan leaves to in-loop evaluations, checkpoints and the final save (they are not
+    # in the measured step time). None: 5% of max_time_s.
+    fit_reserve_s: Optional[float] = None
     # Non-finite losses skip their update; this many in a row stop the run.
     max_nonfinite_in_a_row: int = 5
     # Read the loss and the stop/non-finite flags on the host every this many steps (and at log, checkpoint
@@ -286,6 +302,16 @@ class TrainConfig:
             raise ConfigError(f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by train.accum_steps={self.accum_steps}")
+        if self.fit_steps_to_time and self.max_time_s <= 0:
+            raise ConfigError("train.fit_steps_to_time=true plans the steps that fit in train.max_time_s: set "
+                              "train.max_time_s > 0 (seconds), or fit_steps_to_time=false")
+        if self.fit_skip_steps < 0 or self.fit_measure_steps <= 0:
+            raise ConfigError(f"train.fit_skip_steps must be >= 0 and train.fit_measure_steps > 0, got "
+                              f"{self.fit_skip_steps} and {self.fit_measure_steps}")
+        reserve = self.fit_reserve_s
+        if self.fit_steps_to_time and reserve is not None and not 0 <= reserve < self.max_time_s:
+            raise ConfigError(f"train.fit_reserve_s must be in [0, train.max_time_s={self.max_time_s}), "
+                              f"got {reserve}")
 
 
 @dataclass

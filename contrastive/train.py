@@ -7,6 +7,7 @@ scheduler can requeue it and `train.resume=latest` continues exactly where it st
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -17,32 +18,24 @@ import torch.distributed as dist
 import yaml
 
 from contrastive import checkpoint, rng
-from contrastive.config import Config, OptimConfig, resolve_auto, save_config, to_dict
+from contrastive.config import Config, resolve_auto, save_config, to_dict
 from contrastive.data import TrainLoader
-from contrastive.distributed import host_all_gather
+from contrastive.distributed import host_all_gather, host_broadcast_object
 from contrastive.errors import UserError
 from contrastive.evaluators import build_evaluators, run_evaluators
 from contrastive.losses import build_loss, caption_keys, class_keys
 from contrastive.metrics import MetricsLogger
 from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
 from contrastive.models import build_model
+from contrastive.step_plan import (StepPlan, StepTimer, fit_steps, lr_lambda,  # noqa: F401 (lr_lambda re-exported)
+                                   reserve_s)
 
+# The clock of train.max_time_s and of train.fit_steps_to_time's step timing (tests put a fake one here).
+budget_clock = time.perf_counter
 
 
 class TrainingDiverged(UserError):
     pass
-
-
-def lr_lambda(cfg: OptimConfig, total_steps: int):
-    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def _agreed_on_device(loss: torch.Tensor, stop: bool, group=None) -> torch.Tensor:
@@ -202,12 +195,13 @@ class DeviceCounters:
         return dict(out, loss=values[0], stop=values[1] > 0), int(values[2]), int(values[3])
 
 
-def host_reads_at(step: int, cfg: Config) -> bool:
+def host_reads_at(step: int, cfg: Config, *, total_steps: int | None = None) -> bool:
     """Whether the loop reads the step's results on the host: every train.sync_every steps and wherever it logs,
-    checkpoints or evaluates (step counts from 1)."""
+    checkpoints or evaluates (step counts from 1; `total_steps`: the planned total, train.steps if None)."""
     t = cfg.train
+    total_steps = t.steps if total_steps is None else total_steps
     return (t.sync_every == 1 or step % t.sync_every == 0 or step % t.log_every == 0 or step % t.checkpoint_every == 0
-            or step >= t.steps or bool(cfg.eval.every and step % cfg.eval.every == 0))
+            or step >= total_steps or bool(cfg.eval.every and step % cfg.eval.every == 0))
 
 
 @dataclass
@@ -238,7 +232,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     bundle = build_model(cfg.model)
     freeze(bundle.model, cfg.optim.freeze)
-    engine, scheduler = build_engine(bundle.model.to(device), cfg, world, lr_lambda(cfg.optim, cfg.train.steps))
+    plan = StepPlan.configured(cfg.train.steps)  # the schedule reads it at every step: a fit moves its end
+    engine, scheduler = build_engine(bundle.model.to(device), cfg, world, lr_lambda(cfg.optim, plan))
     bundle.model = engine.module
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
     loader = TrainLoader(cfg.data, preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer,
@@ -253,31 +248,38 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
         shared, mine = checkpoint.load_checkpoint(engine, resume_from, rank=world.rank)
         step, elapsed_before, nonfinite_total = shared["step"], shared["time_s"], shared["nonfinite_skips"]
         loss_scale_skips = shared.get("loss_scale_skips", 0)
+        if cfg.train.fit_steps_to_time and "step_plan" in shared:  # before the next step's lr is computed
+            plan.restore(shared["step_plan"], max_steps=cfg.train.steps)
         loader.load_state_dict(mine["loader"])
         rng.restore(rng.from_json(mine), device)  # this rank's own CPU and device generators
         clamp_logit_scale_(engine, max_logit_scale=cfg.model.max_logit_scale)  # checkpoints of older versions
         logger.truncate_after(step)
-    start = time.perf_counter()
+    start = budget_clock()
+
+    def elapsed_s() -> float:
+        return elapsed_before + budget_clock() - start
 
     def save(at_step: int) -> Path:
         return checkpoint.save_checkpoint(
             engine, run_dir, step=at_step, rank=world.rank,
-            shared_state={"time_s": elapsed_before + time.perf_counter() - start, "nonfinite_skips": nonfinite_total,
+            shared_state={"time_s": elapsed_s(), "nonfinite_skips": nonfinite_total,
                           "loss_scale_skips": loss_scale_skips, "zero_stage": cfg.deepspeed.zero_stage,
-                          "world_size": world.world_size},
+                          "world_size": world.world_size, **({"step_plan": plan.to_json()} if plan.fitted_at else {})},
             rank_state={"loader": loader.state_dict(), "rng": rng.to_json(rng.capture(device))},
             config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), model_cfg=bundle.model_cfg,
             preprocess_cfg=bundle.preprocess_cfg, keep=cfg.train.keep_checkpoints)
 
     stop = stop or StopRequest()
     record: dict = {}
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=not (progress and world.is_main))
+    bar = tqdm(total=plan.steps, initial=step, desc="train", unit="step", disable=not (progress and world.is_main))
     batches = iter(loader)
     window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "nonfinite_in_a_row": 0}
     counters = DeviceCounters() if cfg.train.sync_every > 1 else None
     dedupe = cfg.train.dedupe_captions and cfg.train.accum_steps == 1 and text_draws_no_randomness(engine.module)
     preempted = False
-    while step < cfg.train.steps:
+    timer = StepTimer(cfg.train, first_step=step) if cfg.train.fit_steps_to_time and not plan.fitted_at else None
+    overhead_s = 0.0  # budget seconds spent in checkpoints and evaluations: not step time
+    while step < plan.steps:
         t0 = time.perf_counter()
         images, texts = next(batches)
         keys_B = positive_keys(loss_fn, texts, loader.last_classes)  # from the CPU tokens: no device sync
@@ -285,14 +287,13 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
         batch = (loader.to_device(images, device, dtype), *(t if t is None else to_device(t, device)
                                                              for t in (texts, keys_B, text_rows_B)))
         window["data"] += time.perf_counter() - t0
-        elapsed = elapsed_before + time.perf_counter() - start
-        out_of_time = bool(cfg.train.max_time_s) and elapsed >= cfg.train.max_time_s
+        out_of_time = bool(cfg.train.max_time_s) and elapsed_s() >= cfg.train.max_time_s
         out = train_step(engine, batch, loss_fn=loss_fn, max_logit_scale=cfg.model.max_logit_scale,
                          accum_steps=cfg.train.accum_steps, stop=stop.requested or out_of_time,
                          skip_on_device=counters is not None)
         if counters is not None:  # train.sync_every > 1: the host reads the device's results now and then
             counters.add(out)
-            if host_reads_at(step + 1, cfg):
+            if host_reads_at(step + 1, cfg, total_steps=plan.steps):
                 out, nonfinite, window["nonfinite_in_a_row"] = counters.read(out)
                 nonfinite_total += nonfinite
             else:
@@ -315,29 +316,55 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
         bar.update(1)
         if out is None:  # sync_every > 1 and nothing read on the host at this step
             continue
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps or out["stop"]:
-            record = _log_record(step, out, cfg, scheduler, loader, window, world,
-                                 time_s=elapsed_before + time.perf_counter() - start, nonfinite=nonfinite_total,
-                                 loss_scale_skips=loss_scale_skips)
+        # Here the host has waited for the device (it read the step's results): the budget's clock is honest.
+        step_time_s = None if timer is None else timer.observe(step, elapsed_s=elapsed_s(), overhead_s=overhead_s)
+        if step_time_s is not None:
+            _fit_plan(plan, step=step, step_time_s=step_time_s, elapsed=elapsed_s(), cfg=cfg, world=world,
+                      logger=logger, run_dir=run_dir, bar=bar, announce=progress and world.is_main)
+        if step % cfg.train.log_every == 0 or step == plan.steps or out["stop"]:
+            record = _log_record(step, out, cfg, scheduler, loader, window, world, time_s=elapsed_s(),
+                                 nonfinite=nonfinite_total, loss_scale_skips=loss_scale_skips)
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or out["stop"]:
+        overhead_from = budget_clock()
+        if step % cfg.train.checkpoint_every == 0 or step == plan.steps or out["stop"]:
             save(step)
         if out["stop"]:
-            preempted = step < cfg.train.steps
+            preempted = step < plan.steps
             break
-        if evaluators and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps):
+        if evaluators and ((cfg.eval.every and step % cfg.eval.every == 0) or step == plan.steps):
             # Under amp_bf16 the evaluation's forwards get the training forward's autocast (DeepSpeed's engine
             # applies it to training forwards only; evaluators call the module).
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "amp_bf16"):
                 results = run_evaluators(evaluators, bundle, batch_size=cfg.eval.batch_size)
             engine.module.train()
-            logger.log({"step": step, "time_s": elapsed_before + time.perf_counter() - start, **results})
+            logger.log({"step": step, "time_s": elapsed_s(), **results})
             record = {**record, **results}
+        overhead_s += budget_clock() - overhead_from
     bar.close()
     stop.restore()
     logger.close()
     return TrainResult(record=record, step=step, preempted=preempted)
+
+
+def _fit_plan(plan: StepPlan, *, step: int, step_time_s: float, elapsed: float, cfg: Config, world, logger, run_dir,
+              bar, announce: bool) -> None:
+    """train.fit_steps_to_time: rank 0 plans the total steps from its measured step time and every rank adopts
+    that plan (the ranks' clocks differ a little, and all must stop at the same step); recorded in metrics.jsonl
+    and RUN/step_plan.json. A collective: every rank calls it at the same step."""
+    planned = fit_steps(step=step, elapsed_s=elapsed, step_time_s=step_time_s, cfg=cfg.train)
+    planned, step_time_s = host_broadcast_object((planned, step_time_s) if world.is_main else None)
+    plan.fit(steps=planned, at_step=step, step_time_s=step_time_s)
+    record = {"step": step, "planned_steps": planned, "step_time_s": step_time_s, "time_s": elapsed,
+              "max_time_s": cfg.train.max_time_s, "fit_reserve_s": reserve_s(cfg.train)}
+    logger.log(record)
+    if world.is_main:
+        checkpoint.atomic_write_text(run_dir / "step_plan.json", json.dumps({**plan.to_json(), **record}, indent=2))
+    bar.total = planned
+    bar.refresh()
+    if announce:
+        bar.write(f"train.fit_steps_to_time: {step_time_s:.3f} s per step -> {planned} steps (train.steps "
+                  f"{cfg.train.steps}) to end within train.max_time_s={cfg.train.max_time_s:g}")
 
 
 def _log_record(step, out, cfg, scheduler, loader, window, world, *, time_s, nonfinite, loss_scale_skips) -> dict:

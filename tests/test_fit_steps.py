@@ -1,0 +1,220 @@
+"""train.fit_steps_to_time: the planned steps fill max_time_s on a slow machine (a fake budget clock that each
+training step advances), the cosine schedule ends with them, ranks agree on rank 0's plan, and a resume keeps it."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from contrastive.config import ConfigError, OptimConfig, load_config
+from tests.conftest import REPO
+from tests.dist import run_ranks
+
+LR, MIN_LR_RATIO = 1e-3, 0.1
+MAX_TIME_S, RESERVE_S = 20.0, 2.0
+STEP_S, STARTUP_STEPS, STARTUP_STEP_S = 1.0, 2, 4.0  # the first steps pay start-up: 4 s, then 1 s each
+
+
+def _overrides(tiny_overrides, *extra) -> list[str]:
+    return [o for o in tiny_overrides if not o.startswith(("train.steps", "train.log_every", "optim.warmup",
+                                                           "train.batch_size"))] + [
+        "train.steps=30", "train.batch_size=16", "train.log_every=1", "train.checkpoint_every=100", f"optim.lr={LR}",
+        f"optim.min_lr_ratio={MIN_LR_RATIO}", "optim.warmup_steps=10", f"train.max_time_s={MAX_TIME_S}",
+        "train.fit_steps_to_time=true", "train.fit_skip_steps=2", "train.fit_measure_steps=4",
+        f"train.fit_reserve_s={RESERVE_S}", *extra]
+
+
+def _slow_machine(train_module, *, costs_s: list[float], stop_after: int = 0) -> dict:
+    """Replace train_module's budget clock by one that only training steps advance: step i (of this process)
+    costs costs_s[i], the last entry after that. stop_after > 0: a stop request (as SIGTERM) after that step."""
+    state = {"now": 100.0, "steps": 0}  # any origin: the loop counts from its start
+    real_step = train_module.train_step
+
+    def slow_step(*args, **kwargs):
+        if stop_after and state["steps"] >= stop_after:
+            kwargs["stop"] = True
+        out = real_step(*args, **kwargs)
+        state["now"] += costs_s[min(state["steps"], len(costs_s) - 1)]
+        state["steps"] += 1
+        return out
+
+    train_module.train_step = slow_step
+    train_module.budget_clock = lambda: state["now"]
+    return state
+
+
+def _costs(*, hiccup_at: int = -1, hiccup_s: float = 0.0) -> list[float]:
+    costs = [STARTUP_STEP_S] * STARTUP_STEPS + [STEP_S] * 30
+    if hiccup_at >= 0:
+        costs[hiccup_at] += hiccup_s
+    return costs
+
+
+def _steps_that_fit(costs_s: list[float], budget_s: float) -> int:
+    """The reference plan, by walking the time line: the most steps whose summed cost stays within budget_s."""
+    total, n = 0.0, 0
+    while total + costs_s[min(n, len(costs_s) - 1)] <= budget_s:
+        total += costs_s[min(n, len(costs_s) - 1)]
+        n += 1
+    return n
+
+
+def _cosine_lr(step: int, *, total: int, warmup: int) -> float:
+    """The lr after `step` steps (what the scheduler holds for the next one), written from the formula."""
+    if step < warmup:
+        return LR * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / (total - warmup))
+    return LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * (1 + math.cos(math.pi * t)) / 2)
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_lrs(run) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in _records(run) if "loss" in r}
+
+
+def _state(run) -> dict:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return json.loads((run / "checkpoints" / latest / "state.json").read_text())
+
+
+@pytest.fixture()
+def train_slowly(monkeypatch):
+    """train() on the fake slow machine of _slow_machine: (run_dir, overrides, costs_s=_costs(), stop_after=0)."""
+    import contrastive.train as train_module
+
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "budget_clock", train_module.budget_clock)
+    monkeypatch.setattr(train_module, "train_step", real_step)
+
+    def run(run_dir, overrides: list[str], *, costs_s: list[float] | None = None, stop_after: int = 0):
+        train_module.train_step = real_step
+        _slow_machine(train_module, costs_s=costs_s or _costs(), stop_after=stop_after)
+        return train_module.train(load_config(None, overrides), run_dir, progress=False)
+
+    return run
+
+
+def test_planned_steps_fill_the_budget_and_the_schedule_ends_with_them(tmp_path, tiny_overrides, train_slowly):
+    expected = _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
+    assert 8 < expected < 30  # the upper bound train.steps=30 does not decide it
+    run = tmp_path / "run"
+    result = train_slowly(run, _overrides(tiny_overrides))
+
+    assert (result.step, result.preempted) == (expected, False)
+    (plan_record,) = [r for r in _records(run) if "planned_steps" in r]
+    # Measured after the start-up steps (2) over 4 steps: 1 s each, not the 2 s average of the first 6.
+    assert plan_record["planned_steps"] == expected and plan_record["step_time_s"] == pytest.approx(STEP_S)
+    assert plan_record["step"] == 6
+    assert json.loads((run / "step_plan.json").read_text())["steps"] == expected
+    state = _state(run)
+    assert state["step"] == expected and state["time_s"] <= MAX_TIME_S and state["step_plan"]["steps"] == expected
+    # Fitted within the warmup (10 steps): the plain cosine over the planned steps, ending at its floor.
+    lrs = _train_lrs(run)
+    assert list(lrs) == list(range(1, expected + 1))
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(_cosine_lr(step, total=expected, warmup=10), rel=1e-6), step
+    assert lrs[expected] == pytest.approx(LR * MIN_LR_RATIO)
+
+
+def test_without_the_fit_the_same_machine_cuts_the_schedule(tmp_path, tiny_overrides, train_slowly):
+    """The problem the fit solves, on the same fake machine: train.steps=30 planned, max_time_s stops it early."""
+    run = tmp_path / "run"
+    result = train_slowly(run, _overrides(tiny_overrides, "train.fit_steps_to_time=false"))
+    assert result.preempted and result.step < 30
+    assert _train_lrs(run)[result.step] > 2 * LR * MIN_LR_RATIO  # cut part way down the cosine
+
+
+def test_a_fit_after_the_warmup_bends_the_cosine_without_a_jump(tmp_path, tiny_overrides, train_slowly):
+    run = tmp_path / "run"
+    result = train_slowly(run, _overrides(tiny_overrides, "optim.warmup_steps=3"))
+    lrs = _train_lrs(run)
+    # Until the fit at step 6 the cosine over train.steps=30; then from there down to its floor at the plan.
+    for step in range(1, 7):
+        assert lrs[step] == pytest.approx(_cosine_lr(step, total=30, warmup=3), rel=1e-6), step
+    # From the fit on, the cosine's progress goes on from where it stood (3/27 of the way) to 1 at the plan.
+    planned, at_fit = result.step, (6 - 3) / (30 - 3)
+    for step in range(6, planned + 1):
+        progress = at_fit + (1 - at_fit) * (step - 6) / (planned - 6)
+        expected = LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * (1 + math.cos(math.pi * progress)) / 2)
+        assert lrs[step] == pytest.approx(expected, rel=1e-6), step
+    after = [lrs[s] for s in range(3, planned + 1)]
+    assert all(a > b for a, b in zip(after, after[1:])) and not result.preempted
+    assert lrs[planned] == pytest.approx(LR * MIN_LR_RATIO)
+
+
+def test_with_sync_every_the_step_time_is_measured_at_steps_the_host_read(tmp_path, tiny_overrides, train_slowly):
+    """train.sync_every=3: between reads the host runs ahead of the device, so the window runs from the first read
+    step after the skipped ones (3) to the first read step 4 steps later (9), not from step 2 to step 6."""
+    run = tmp_path / "run"
+    result = train_slowly(run, _overrides(tiny_overrides, "train.sync_every=3", "train.log_every=3"))
+    (plan_record,) = [r for r in _records(run) if "planned_steps" in r]
+    assert plan_record["step"] == 9 and plan_record["step_time_s"] == pytest.approx(STEP_S)
+    assert result.step == plan_record["planned_steps"] == _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
+
+
+def test_a_resume_keeps_the_plan_and_the_lr_of_every_step(tmp_path, tiny_overrides, train_slowly):
+    ref = train_slowly(tmp_path / "uninterrupted", _overrides(tiny_overrides))
+    run = tmp_path / "interrupted"
+    first = train_slowly(run, _overrides(tiny_overrides), stop_after=8)  # stopped after the fit (step 6)
+    assert first.preempted and first.step == 9 and _state(run)["step_plan"]["steps"] == ref.step
+    # The resumed process measures nothing new: it restarts slower (its own start-up), which a refit would see.
+    second = train_slowly(run, _overrides(tiny_overrides, "train.resume=latest"), costs_s=[1.2] * 3 + [STEP_S])
+    assert (second.step, second.preempted) == (ref.step, False)
+    assert _train_lrs(run) == _train_lrs(tmp_path / "uninterrupted")
+    assert [r["planned_steps"] for r in _records(run) if "planned_steps" in r] == [ref.step]
+
+
+def _rank_body(rank, world_size, overrides, run_dir):
+    import contrastive.train as train_module
+
+    # Rank 1's clock sees a 1 s hiccup inside the measured steps: alone it would plan fewer steps than rank 0.
+    _slow_machine(train_module, costs_s=_costs(hiccup_at=4 if rank == 1 else -1, hiccup_s=1.0))
+    result = train_module.train(load_config(None, overrides), run_dir, progress=False)
+    return {"step": result.step, "preempted": result.preempted}
+
+
+def test_two_ranks_adopt_rank_0s_plan_and_stop_together(tmp_path, tiny_overrides):
+    expected = _steps_that_fit(_costs(), MAX_TIME_S - RESERVE_S)
+    assert _steps_that_fit(_costs(hiccup_at=4, hiccup_s=1.0), MAX_TIME_S - RESERVE_S) < expected
+    run = tmp_path / "run"
+    results = run_ranks(_rank_body, world_size=2, args=(_overrides(tiny_overrides), run), timeout_s=60)
+    assert results == [{"step": expected, "preempted": False}] * 2
+    (plan_record,) = [r for r in _records(run) if "planned_steps" in r]
+    assert plan_record["planned_steps"] == expected == _state(run)["step_plan"]["steps"]
+
+
+def test_the_schedule_is_continuous_at_a_fit_and_ends_at_the_plan():
+    from contrastive.step_plan import StepPlan, lr_lambda
+
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.0)
+    for fitted_at in (4, 10, 30):
+        plan = StepPlan.configured(100)
+        f = lr_lambda(cfg, plan)
+        before = [f(s) for s in range(fitted_at + 1)]
+        plan.fit(steps=60, at_step=fitted_at, step_time_s=1.0)
+        assert [f(s) for s in range(fitted_at + 1)] == before  # the past (and the lr of the next step) unchanged
+        assert f(60) == pytest.approx(0.0, abs=1e-12) and f(59) > 0
+        assert all(f(s) >= f(s + 1) for s in range(10, 70))
+    plain = lr_lambda(cfg, 60)
+    within = StepPlan.configured(100)
+    within.fit(steps=60, at_step=4, step_time_s=1.0)
+    assert all(lr_lambda(cfg, within)(s) == pytest.approx(plain(s)) for s in range(70))
+
+
+def test_fit_steps_to_time_is_validated():
+    with pytest.raises(ConfigError, match="max_time_s"):
+        load_config(None, ["train.fit_steps_to_time=true"])
+    with pytest.raises(ConfigError, match="fit_measure_steps"):
+        load_config(None, ["train.fit_steps_to_time=true", "train.max_time_s=60", "train.fit_measure_steps=0"])
+    with pytest.raises(ConfigError, match="fit_reserve_s"):
+        load_config(None, ["train.fit_steps_to_time=true", "train.max_time_s=60", "train.fit_reserve_s=60"])
+    assert load_config(None, ["train.fit_steps_to_time=true", "train.max_time_s=60"]).train.fit_reserve_s is None
+
+
+def test_every_time_budgeted_recipe_fits_its_steps_to_its_budget():
+    budgeted = [p.name for p in sorted((REPO / "configs").glob("*.yaml")) if load_config(p).train.max_time_s]
+    assert budgeted and all(load_config(REPO / "configs" / name).train.fit_steps_to_time for name in budgeted), budgeted
