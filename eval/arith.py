@@ -66,13 +66,17 @@ def signatures(frame, attribute: str, keep: list[str]) -> tuple[np.ndarray, list
     return value_N, values, sig_N, {"kept": kept, "codes": codes}
 
 
+def check_values(attribute: str, values: list[str]) -> None:
+    if len(values) < 2:
+        what = f"a single value ({values[0]!r})" if values else "no values"
+        raise UserError(f"attribute {attribute!r} has {what} in the index; arithmetic needs two or more")
+
+
 def build_queries(frame, attribute: str, keep: list[str], *, max_query_images: int = 0, seed: int = 0) -> tuple:
     """Every (query image, other value) pair whose target exists in the gallery; query images are the rows with
     a value of the attribute and of every kept one."""
     value_N, values, sig_N, aux = signatures(frame, attribute, keep)
-    if len(values) < 2:
-        what = f"a single value ({values[0]!r})" if values else "no values"
-        raise UserError(f"attribute {attribute!r} has {what} in the index; arithmetic needs two or more")
+    check_values(attribute, values)
     rows = np.flatnonzero(sig_N >= 0)
     if max_query_images and max_query_images < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_query_images, replace=False))
@@ -246,8 +250,13 @@ def run_cli(args) -> dict:
     if labels is not None:
         frame = join_labels(frame, labels, source=labels_source)
     if args.attribute not in frame.columns:
+        from eval.caption_attributes import RULES
+
         attrs = [c for c in frame.columns if c not in ("image_path", "caption", "key")]
-        raise UserError(f"the index metadata has no attribute {args.attribute!r}; it has {attrs}")
+        hint = "; read it from captions with --attributes-from-captions" if args.attribute in RULES else ""
+        raise UserError(f"the index metadata has no attribute {args.attribute!r}; it has {attrs}{hint}")
+    values = sorted(frame.loc[has_value(frame, args.attribute), args.attribute].astype(str).unique().tolist())
+    check_values(args.attribute, values)
     if args.keep is None:
         keep = [a for a in INTRINSIC if a != args.attribute and a in frame.columns]
     else:
@@ -263,7 +272,6 @@ def run_cli(args) -> dict:
     bundle, _ = load_for_inference(model_path)
     move_to_gpu(bundle)
     gallery.check_model(bundle.model)
-    values = sorted(frame.loc[has_value(frame, args.attribute), args.attribute].astype(str).unique().tolist())
     text = value_embeddings(bundle, values, templates)
     result = arithmetic_eval(gallery.index, gallery.image_embeddings, frame, text, attribute=args.attribute,
                              keep=keep, weight=args.weight, weights=weights, max_query_images=args.max_queries,
