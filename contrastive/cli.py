@@ -209,8 +209,10 @@ def cmd_arith_eval(args) -> int:
     from eval.arith import run_cli
 
     result = run_cli(args)
-    print(f"'{result['attribute']}' arithmetic on {result['num_queries']} queries "
-          f"({result['num_skipped_no_target']} left out: no target image), keeping {result['keep']}:")
+    print(f"'{result['attribute']}' arithmetic on {result['num_queries']} queries from "
+          f"{result['num_labelled_images']} labelled images ({result['num_skipped_no_target']} left out: no "
+          f"target image), keeping {result['keep']}; images per value: "
+          + ", ".join(f"{v} {n}" for v, n in result["images_per_value"].items()))
     for method, recall in result["recall"].items():
         print(f"  {method:<16} " + "  ".join(f"R@{k} {v:.3f}" for k, v in recall.items()))
     best = max(result["weight_sweep"], key=lambda w: result["weight_sweep"][w]["10"])
@@ -451,7 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "image - text(value) + text(target) with image only, target text only, and "
                                     "image + target text (SIMAT / Pic2Word protocol), and sweeps W.")
     ar.add_argument("--index", required=True, help="index directory written by `contrastive index`")
-    ar.add_argument("--attribute", required=True, help="the attribute to change, e.g. color")
+    ar.add_argument("--attribute", required=True,
+                    help="the attribute to change: a metadata column (color; classname for a `prep imagefolder` "
+                         "set such as CIFAR-10) or one of --labels / --attributes-from-captions (animal, "
+                         "clothing_color)")
+    ar.add_argument("--labels", default=None, metavar="CSV",
+                    help="attribute table joined to the index by image file name: an `image` column and one "
+                         "column per attribute (empty: no value; such images are never queries or hits)")
+    ar.add_argument("--attributes-from-captions", nargs="?", const="", default=None, metavar="CAPTIONS",
+                    help="derive animal and clothing_color with eval/caption_attributes.py's rules from a "
+                         "Kaggle-style image,caption CSV, or from the index's own captions when no file is given")
     ar.add_argument("--keep", default=None,
                     help="comma-separated attributes a hit must share with the query (default: the other "
                          "intrinsic ones of the synthetic set present in the metadata: shape, color, size)")
@@ -459,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--weight", type=float, default=1.0, help="W in image + W * (text(target) - text(value))")
     ar.add_argument("--weights", default="0.25,0.5,0.75,1,1.5,2,3,4", help="the W sweep")
     ar.add_argument("--templates", default=None,
-                    help="templates for the value texts (as zeroshot --templates; default: '{c}', "
-                         "'a {c} object', 'a picture of something {c}', averaged)")
+                    help="templates for the value texts, averaged (as zeroshot --templates; default: CLIP's "
+                         "CIFAR templates for classname, a caption rule's own for its attribute, else '{c}', "
+                         "'a {c} object', 'a picture of something {c}')")
     ar.add_argument("--max-queries", type=int, default=2000, help="query images sampled (0: every image)")
     ar.add_argument("--seed", type=int, default=0, help="seed of the query sample")
     ar.add_argument("--output", required=True, help="JSON results file")

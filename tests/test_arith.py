@@ -79,3 +79,78 @@ def test_bad_attributes_are_user_errors():
         arithmetic_eval(flat_index(image), image, frame, text, attribute="size", keep=[])
     with pytest.raises(UserError, match="cannot include the attribute"):
         arithmetic_eval(flat_index(image), image, frame, text, attribute="color", keep=["color"])
+
+
+def class_swap_set(*, per_class: int = 12, num_unlabelled: int = 12, eps: float = 0.05):
+    """Images of three classes, unit(class axis + eps * own axis), and unlabelled images on a shared axis w that
+    every class text also points to: text(c) = unit(class axis + 1.5 w), as if captions shared a phrasing that
+    some other photos match. Only arithmetic cancels w, so only it can find the target class."""
+    classes = ["airplane", "cat", "ship"]
+    labels = [c for c in classes for _ in range(per_class)] + [None] * num_unlabelled
+    dim = len(classes) + 1 + len(labels)
+    w = len(classes)
+    image = np.zeros((len(labels), dim), dtype=np.float32)
+    for i, c in enumerate(labels):
+        image[i, classes.index(c) if c else w] = 1
+        image[i, w + 1 + i] = eps
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text = {}
+    for c in classes:
+        t = np.zeros(dim, dtype=np.float32)
+        t[classes.index(c)], t[w] = 1, 1.5
+        text[c] = t / np.linalg.norm(t)
+    frame = pd.DataFrame({"image_path": [f"{i:04d}" for i in range(len(labels))], "classname": labels})
+    return image, frame, text
+
+
+def test_class_swap_only_arithmetic_finds_the_target_class():
+    image, frame, text = class_swap_set()
+    result = arithmetic_eval(flat_index(image), image, frame, text, attribute="classname", keep=[], weights=(1.0,))
+    # Unlabelled images are in the gallery but never queries: 36 labelled images x 2 other classes.
+    assert result["num_labelled_images"] == 36 and result["num_queries"] == 72
+    assert result["images_per_value"] == {"airplane": 12, "cat": 12, "ship": 12}
+    recall = result["recall"]
+    assert recall["arithmetic"] == {"1": 1.0, "5": 1.0, "10": 1.0}
+    # The image alone finds its own class; the text and image + text find the unlabelled images on w first
+    # (12 of them), then the query's own class: no hit within 10.
+    for method in ("image_only", "text_only", "image_plus_text"):
+        assert recall[method]["10"] == 0.0, method
+
+
+def brute_force_recall(image, frame, text, method: str, weight: float, ks=(1, 5, 10)) -> dict:
+    """Every labelled image to every other class present, by full score matrices and a per-query Python loop."""
+    labels = [c if isinstance(c, str) else None for c in frame["classname"]]
+    classes = sorted({c for c in labels if c})
+    hits, num = {k: 0 for k in ks}, 0
+    for q, source in enumerate(labels):
+        if source is None:
+            continue
+        for target in classes:
+            if target == source:
+                continue
+            vector = {"arithmetic": image[q] + weight * (text[target] - text[source]), "image_only": image[q],
+                      "text_only": text[target], "image_plus_text": image[q] + text[target]}[method]
+            scores = image.astype(np.float64) @ (vector / np.linalg.norm(vector))
+            scores[q] = -np.inf
+            order = np.argsort(-scores, kind="stable")
+            num += 1
+            for k in ks:
+                hits[k] += any(labels[j] == target for j in order[:k])
+    return {str(k): hits[k] / num for k in ks}
+
+
+def test_class_swap_recall_equals_a_brute_force_count():
+    """Random embeddings (so no ties) with a fifth of the images unlabelled: hits are judged by class alone."""
+    rng = np.random.default_rng(0)
+    classes = ["bird", "cat", "dog", "frog"]
+    labels = [classes[i % 4] if i % 5 else None for i in range(60)]
+    image = rng.normal(size=(60, 16)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text = {c: v / np.linalg.norm(v) for c, v in zip(classes, rng.normal(size=(4, 16)).astype(np.float32))}
+    frame = pd.DataFrame({"image_path": [str(i) for i in range(60)], "classname": labels})
+    result = arithmetic_eval(flat_index(image), image, frame, text, attribute="classname", keep=[], weight=1.5,
+                             weights=(0.5,))
+    assert result["num_queries"] == 48 * 3
+    for method in ("arithmetic", "image_only", "text_only", "image_plus_text"):
+        assert result["recall"][method] == pytest.approx(brute_force_recall(image, frame, text, method, 1.5)), method
+    assert result["weight_sweep"]["0.5"] == pytest.approx(brute_force_recall(image, frame, text, "arithmetic", 0.5))
