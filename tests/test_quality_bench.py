@@ -51,6 +51,8 @@ def test_probe_rule_leaves_out_the_first_window_and_the_fill_for_both_sides():
     assert ours["excess_s"] == pytest.approx(ends[14] - 15 * 0.3)
     # The steady rate plus the excess reproduces the whole run: what the plan relies on.
     assert ours["excess_s"] + 40 * ours["step_s"] == pytest.approx(ends[-1])
+    # With no fill the first window (worker start) is still left out.
+    assert bench.steady_rate(ours_points, fill=0)["steady_from_step"] == window
     # Without the fill rule the estimate is pessimistic (the 1.4 s steps of window 2 and 3 count).
     assert bench.steady_rate(ours_points, fill=0)["step_s"] > 0.3 * 1.2
     # A short last window (the run's end) counts like the others.
@@ -139,16 +141,30 @@ def test_csv_command_line():
 # ---------------------------------------------------------------- open_clip_train held to the budget
 
 def test_step_budget_applies_our_loops_deadline_rule():
-    # Clock readings: start 0; each step reads once when its batch arrives and once when it ends.
-    ticks = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.5, 6.0, 7.0, 8.0])
-    budget = openclip_train.StepBudget(deadline_s=5.0, clock=lambda: next(ticks))
-    taken = list(budget.batches(range(100)))
-    # Batches arrive at 1, 3, 5.5: the third arrives past the deadline, is taken, and is the last.
-    assert taken == [0, 1, 2] and budget.stopped == "deadline"
-    assert budget.report()["train_s"] == 6.0 and budget.report()["steps"] == 3
-    capped = openclip_train.StepBudget(max_steps=4, clock=iter(range(100)).__next__)
-    assert list(capped.batches(range(3))) == [0, 1, 2] and capped.stopped == ""  # an epoch of 3 ends first
-    assert list(capped.batches(range(3))) == [0] and capped.stopped == "max_steps"
+    # A fake clock: the loader spends 1 s fetching each batch, the loop 1.5 s on each step.
+    now = [0.0]
+
+    def loader():
+        for i in range(100):
+            now[0] += 1.0
+            yield i
+
+    def train(budget, batches):
+        taken = []
+        for batch in budget.batches(batches):
+            taken.append(batch)
+            now[0] += 1.5
+        return taken
+
+    budget = openclip_train.StepBudget(deadline_s=5.0, clock=lambda: now[0])
+    # Batches arrive at 1, 3.5, 6: steps end at 2.5, 5, 7.5. The step ending exactly at the deadline does not stop
+    # the run; the batch arriving past it is still taken and is the last, as in our loop (contrastive/train.py).
+    assert train(budget, loader()) == [0, 1, 2] and budget.stopped == "deadline"
+    assert (budget.report()["steps"], budget.report()["train_s"]) == (3, 7.5)
+    assert budget.report()["step_end_s"] == [2.5, 5.0, 7.5]
+    capped = openclip_train.StepBudget(max_steps=4, clock=lambda: now[0])
+    assert train(capped, range(3)) == [0, 1, 2] and capped.stopped == ""  # an epoch of 3 ends first
+    assert train(capped, range(3)) == [0] and capped.stopped == "max_steps"
 
 
 def _flickr_like_csv(root, *, num_images: int, captions_per_image: int):
