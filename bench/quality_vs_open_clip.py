@@ -451,6 +451,16 @@ def score_zeroshot(bundles: dict, *, data: str, label_field: str, templates, cla
     return scores
 
 
+def score_both(cfg, *, ours_run: Path, openclip_ckpt: Path, data: str, label_field: str, templates, classes,
+               max_samples: int, batch_size: int) -> dict:
+    """Zero-shot scores of both checkpoints (the call BENCHMARKS.md's run 4b records)."""
+    bundles, info = load_both(cfg, ours_run=ours_run, openclip_ckpt=openclip_ckpt)
+    scores = score_zeroshot(bundles, data=data, label_field=label_field, templates=templates, classes=classes,
+                            max_samples=max_samples, batch_size=batch_size)
+    scores["open_clip"]["checkpoint_epoch"] = info["epoch"]
+    return scores
+
+
 RECALL_KEYS = tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in (1, 5, 10))
 
 

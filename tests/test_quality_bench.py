@@ -252,3 +252,19 @@ def test_wrapper_stops_at_the_deadline_with_a_checkpoint_and_a_clean_exit(tmp_pa
     ckpt = torch.load(tmp_path / bench.OPENCLIP_NAME / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert ckpt["epoch"] == 1
     assert len(_lrs((tmp_path / bench.OPENCLIP_NAME / "out.log").read_text())) == 1
+
+
+def test_retrieval_score_is_the_mean_of_the_six_recalls_from_the_shared_scorer(monkeypatch):
+    import eval.retrieval as retrieval
+
+    recalls = {k: v for k, v in zip(bench.RECALL_KEYS, (0.1, 0.3, 0.5, 0.2, 0.4, 0.9))}
+    calls = []
+
+    def fake_score(bundle, data, *, batch_size, max_samples):
+        calls.append((bundle, data, batch_size, max_samples))
+        return {**recalls, "num_images": 7}
+
+    monkeypatch.setattr(retrieval, "score_retrieval", fake_score, raising=False)
+    out = bench.retrieval_metrics("bundle", "dev.tar", batch_size=50, max_samples=9)
+    assert calls == [("bundle", "dev.tar", 50, 9)]
+    assert out["mean_recall"] == pytest.approx(2.4 / 6) and out["num_images"] == 7
