@@ -4,7 +4,7 @@ config, its checkpoints load into our models bit for bit, and the time planning 
 open_clip_train ships in the open_clip_torch wheel of our .venv; with `--dataset-type synthetic` it runs here
 without webdataset (whose 1.x breaks its shard reader), which is enough to exercise our wrapper end to end.
 """
-import logging
+import re
 import sys
 
 import pytest
@@ -15,6 +15,7 @@ from tests.conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 
 import quality_vs_open_clip as bench  # noqa: E402
+from tests.test_quality_bench import run_wrapper  # noqa: E402,F401 (fixture: runs openclip_train in-process)
 
 
 def _cfg(*overrides):
@@ -53,22 +54,9 @@ def test_differences_are_reported():
     assert bench.aug_cfg_args(dict(cfg.model.aug)) == ["--aug-cfg", "scale=(0.5,1.0)"]
 
 
-def test_planning():
-    assert bench.plan_steps(100.0, overhead_s=20.0, step_s=0.5) == 160
-    assert bench.plan_steps(10.0, overhead_s=30.0, step_s=0.5) == 1
-    assert bench.openclip_epochs(160, 5) == (32, 5)
-    per_epoch, epochs = bench.openclip_epochs(163, 5)
-    assert abs(per_epoch * epochs - 163) < per_epoch
-    # The first two windows (first batch, worker start) are left out.
-    assert bench.steady_step_time([5.0, 1.0, 0.5, 0.7]) == pytest.approx(0.6)
-    # A window still filling open_clip's shuffle buffer (1.4 s/step) does not skew the estimate.
-    assert bench.steady_step_time([5.0, 1.0, 1.4, 0.3, 0.1, 0.3]) == pytest.approx(0.3)
-
-
-def test_wrapper_trains_our_model_config_and_its_checkpoint_scores_like_open_clips_own_load(tmp_path, monkeypatch):
+def test_wrapper_trains_our_model_config_and_its_checkpoint_scores_like_open_clips_own_load(tmp_path, run_wrapper):
     import open_clip
 
-    import openclip_train
     from contrastive.models import build_model
 
     cfg = _cfg("model.aug={}")
@@ -77,22 +65,9 @@ def test_wrapper_trains_our_model_config_and_its_checkpoint_scores_like_open_cli
     argv[i + 1] = "synthetic"
     argv = [a for a in argv if a != "--dataset-resampled"]
     argv[argv.index("--train-data"):argv.index("--train-data") + 2] = []
-    monkeypatch.chdir(tmp_path)
-    # The wrapper rebinds torch.nn.parallel.DistributedDataParallel for its process; undo that after this test.
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", torch.nn.parallel.DistributedDataParallel)
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    levels = {name: logging.getLogger(name).level for name in [None, *logging.root.manager.loggerDict]}
-    try:
-        openclip_train.run(argv)
-    finally:  # open_clip_train's setup_logging sets every logger's level and adds root handlers
-        for handler in root.handlers[len(handlers):]:
-            handler.close()
-        root.handlers[:] = handlers
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    run_wrapper(argv)
     log = (tmp_path / bench.OPENCLIP_NAME / "out.log").read_text()
-    assert len(bench.openclip_step_times(log)) == 2  # 32 samples / batch 16, one log line per step
+    assert len(re.findall(r"Batch \(t\)", log)) == 2  # 32 samples / batch 16, one log line per step
     ckpt_path = tmp_path / bench.OPENCLIP_NAME / "checkpoints" / "epoch_latest.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
