@@ -111,7 +111,7 @@ def test_savers_listed_from_the_resolved_config():
 
     has_fit = "fit_steps_to_time" in {f.name for f in __import__("dataclasses").fields(TrainConfig)}
     fit = {"train.fit_steps_to_time": True} if has_fit else {}
-    savers = bench.our_savers(_cfg(*(["train.fit_steps_to_time=true"] if has_fit else [])))
+    savers = bench.our_savers(_cfg(*(["train.max_time_s=60", "train.fit_steps_to_time=true"] if has_fit else [])))
     assert savers == {"train.dedupe_captions": True, "data.fast_decode": True, **fit}
     none = bench.our_savers(_cfg("train.dedupe_captions=false", "data.fast_decode=false"))
     assert none == {}
