@@ -270,8 +270,8 @@ class TrainConfig:
     # optim.warmup_steps bends the cosine from where it stands, so the lr never jumps; measured within the
     # warmup it is the plain cosine over the planned steps.
     fit_steps_to_time: bool = False
-    fit_skip_steps: int = 5
-    fit_measure_steps: int = 20
+    fit_skip_steps: int = 10
+    fit_measure_steps: int = 40
     # Seconds of max_time_s the plan leaves to in-loop evaluations, checkpoints and the final save (they are not
     # in the measured step time). None: 5% of max_time_s.
     fit_reserve_s: Optional[float] = None
