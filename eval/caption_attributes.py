@@ -15,7 +15,6 @@ value of that attribute; otherwise it has no value (it stays in the gallery but 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 from collections import Counter
@@ -98,20 +97,15 @@ def attribute_table(captions_by_image: dict[str, list[str]], *, attributes: tupl
 def read_captions(path: str | Path, *, images_list: str | Path | None = None) -> dict[str, list[str]]:
     """{image file name: its captions in file order} from a Kaggle-style CSV (`image,caption`, a row per caption),
     restricted to the names in `images_list` (one per line) when given."""
+    from data_prep.pairs import read_images_list
+    from eval.captioned import read_kaggle_captions
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"captions file {path} does not exist")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"image", "caption"} <= {h.strip() for h in reader.fieldnames}:
-            raise UserError(f"{path} is not an image,caption CSV (its header is {reader.fieldnames})")
-        captions: dict[str, list[str]] = {}
-        for row in reader:
-            captions.setdefault(row["image"].strip(), []).append(row["caption"] or "")
+    captions = read_kaggle_captions(path)
     if images_list is not None:
-        if not Path(images_list).is_file():
-            raise UserError(f"images list {images_list} does not exist")
-        wanted = [n.strip() for n in Path(images_list).read_text().splitlines() if n.strip()]
+        wanted = read_images_list(Path(images_list))
         missing = [n for n in wanted if n not in captions]
         if missing:
             raise UserError(f"{len(missing)} images of {images_list} have no captions in {path}, e.g. {missing[0]}")
@@ -124,13 +118,14 @@ def captions_of_index(frame) -> dict[str, list[str]]:
     where there is one, else the caption split into lines (CLIP_benchmark's multi-line .txt)."""
     import json
 
+    from eval.captioned import caption_list
+
     keys = frame["image_path"].astype(str).tolist()
     if "captions" in frame.columns:
         lists = [json.loads(c) if isinstance(c, str) and c.startswith("[") else None for c in frame["captions"]]
     else:
         lists = [None] * len(frame)
-    return {key: listed if listed else str(caption).splitlines()
-            for key, listed, caption in zip(keys, lists, frame["caption"])}
+    return {key: caption_list(str(caption), listed) for key, listed, caption in zip(keys, lists, frame["caption"])}
 
 
 def value_counts(table) -> dict:

@@ -68,6 +68,14 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
     return out
 
 
+def read_images_list(path: str | Path) -> list[str]:
+    """A split file's image names (data_prep.pairs reads them for `prep pairs --images-list`; imported here when
+    needed, as data_prep's shard writer is slow to import)."""
+    from data_prep.pairs import read_images_list as read
+
+    return read(Path(path))
+
+
 def read_karpathy_captions(path: Path) -> dict[str, list[str]]:
     """{image name: [captions]} of a CLIP_benchmark `*_karpathy.txt` file, parsed as its Flickr dataset does:
     the first line is a header; each other non-blank line is `NAME.jpg,caption`."""
@@ -95,13 +103,6 @@ def karpathy_file(root: Path) -> Path | None:
         return tests[0]
     raise UserError(f"{root} holds several annotation files ({', '.join(p.name for p in found)}); "
                     f"give the one to use as --data")
-
-
-def read_images_list(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--images-list {path} does not exist")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
