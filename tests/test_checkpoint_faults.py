@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from contrastive import checkpoint, faults
-from contrastive.checkpoint import CKPT_DIR, INCOMING, LATEST, DS_MODEL_FILE, checkpoint_name
+from contrastive.checkpoint import CKPT_DIR, DS_MODEL_FILE, INCOMING, LATEST
 from contrastive.errors import UserError
 from tests.conftest import REPO
 
