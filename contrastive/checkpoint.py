@@ -20,6 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from contrastive.errors import UserError
+from contrastive.faults import fault_point
 
 CKPT_DIR = "checkpoints"
 INCOMING = ".incoming"
@@ -61,6 +62,7 @@ def save_checkpoint(engine, run_dir: Path, *, step: int, rank: int, shared_state
         incoming.mkdir(parents=True, exist_ok=True)
     _barrier()
     engine.save_checkpoint(str(incoming), tag=tag, save_latest=False)
+    fault_point("checkpoint.write")
     atomic_write_text(incoming / tag / rank_file(rank), json.dumps(rank_state))
     _barrier()
     final = root / tag
@@ -74,9 +76,11 @@ def save_checkpoint(engine, run_dir: Path, *, step: int, rank: int, shared_state
         (staged / ARCH_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
         (staged / CONFIG_FILE).write_text(config_yaml)
         (staged / STATE_FILE).write_text(json.dumps(dict(shared_state, step=step), indent=2))
+        fault_point("checkpoint.after_write_before_publish")
         if final.exists():
             shutil.rmtree(final)
         os.replace(staged, final)
+        fault_point("checkpoint.before_latest")
         atomic_write_text(root / LATEST, tag + "\n")
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -6,7 +6,7 @@ import math
 import sys
 from pathlib import Path
 
-from contrastive import faults
+from contrastive.faults import fault_point
 
 
 class MetricsLogger:
@@ -62,7 +62,7 @@ class MetricsLogger:
             # kill or a full disk can in the middle of one write (resume_at drops it).
             f.write(line[:len(line) // 2])
             f.flush()
-            faults.point("metrics.write")
+            fault_point("metrics.write")
             f.write(line[len(line) // 2:])
         self._open_tensorboard()
         if self._tb is not None:
