@@ -66,10 +66,12 @@ def aug_cfg_args(aug: dict) -> list[str]:
 
 def openclip_train_args(cfg, *, logs: Path, epochs: int, train_spec: str = "", samples_per_epoch: int = 0,
                         train_csv: Path | None = None, name: str = OPENCLIP_NAME, log_every: int = 10) -> list[str]:
-    """open_clip_train.main arguments that mirror run config `cfg`: 1 process, fp32, CPU; reading `train_spec`
+    """open_clip_train.main arguments that mirror run config `cfg`: 1 process, CPU, our precision (fp32 or
+    amp_bf16: bf16 autocast with fp32 weights in both trainers); reading `train_spec`
     as resampled shards (`samples_per_epoch` a pass) or `train_csv` with its CSV loader (a tab-separated file,
     columns filepath and title, one row per caption; an epoch is one shuffled pass, so no sample count)."""
     o, m, t = cfg.optim, cfg.model, cfg.train
+    precision = openclip_precision(cfg)
     if train_csv is not None:
         data = ["--train-data", str(train_csv), "--dataset-type", "csv", "--csv-separator", "\t",
                 "--csv-img-key", "filepath", "--csv-caption-key", "title"]
@@ -78,7 +80,7 @@ def openclip_train_args(cfg, *, logs: Path, epochs: int, train_spec: str = "", s
                 "--train-num-samples", str(samples_per_epoch)]
     args = [
         *data, "--epochs", str(epochs),
-        "--model", m.name, "--batch-size", str(t.batch_size), "--precision", "fp32", "--device", "cpu",
+        "--model", m.name, "--batch-size", str(t.batch_size), "--precision", precision, "--device", "cpu",
         "--workers", str(cfg.data.num_workers), "--seed", str(t.seed),
         "--lr", repr(o.lr), "--wd", repr(o.weight_decay), "--beta1", repr(o.beta1), "--beta2", repr(o.beta2),
         "--eps", repr(o.eps), "--warmup", str(o.warmup_steps), "--lr-scheduler", "cosine",
@@ -93,6 +95,21 @@ def openclip_train_args(cfg, *, logs: Path, epochs: int, train_spec: str = "", s
     if m.patch_dropout is not None:
         args += ["--force-patch-dropout", repr(m.patch_dropout)]
     return args + aug_cfg_args(dict(m.aug))
+
+
+def openclip_precision(cfg) -> str:
+    """open_clip_train's --precision for our deepspeed.precision (resolved for this machine): the same arithmetic
+    on both sides, or a one-line refusal where open_clip_train has none (DeepSpeed's bf16/fp16 weights with fp32
+    master weights)."""
+    import torch
+
+    from contrastive.config import resolve_auto
+
+    precision = resolve_auto(cfg, cuda=torch.cuda.is_available()).deepspeed.precision
+    if precision not in ("fp32", "amp_bf16"):
+        raise SystemExit(f"deepspeed.precision={precision} has no open_clip_train equivalent: compare at fp32 or "
+                         "amp_bf16")
+    return precision
 
 
 def budget_args(*, max_steps: int, deadline_s: float, report: Path) -> list[str]:
@@ -127,6 +144,9 @@ def differences_from_open_clip(cfg) -> list[str]:
     notes = []
     if cfg.loss.name != "infonce" or cfg.loss.label_smoothing:
         notes.append(f"loss {cfg.loss.name} (label smoothing {cfg.loss.label_smoothing}) vs open_clip's plain ClipLoss")
+    if cfg.data.captions_per_sample > 1:  # open_clip_train trains each image with one caption per visit
+        notes.append(f"data.captions_per_sample={cfg.data.captions_per_sample}: each image trains with that many of "
+                     "its captions per step (open_clip_train: one caption row per sample)")
     if cfg.loss.positives != "pair":  # open_clip's ClipLoss: only an image's own caption is a positive
         notes.append(f"loss.positives={cfg.loss.positives!r} has no open_clip_train equivalent")
     if cfg.optim.min_lr_ratio:

@@ -67,8 +67,16 @@ class DataConfig:
     # run is reproducible and a resume draws what the uninterrupted run would. Samples without a captions
     # list use their .txt either way.
     caption_sampling: str = "first"
+    # Captions per sample per visit (K): a sample with several captions trains with K of them at once, drawn
+    # without replacement as data.caption_sampling says (random: a seeded shuffle of its captions; first: its
+    # captions in file order), repeated in turn when it has fewer than K. The loss is then the mean over k of
+    # the loss between the B images and the B k-th captions (losses.mean_over_captions): each image meets K
+    # views of its text at the price of one image forward. 1: one caption, as every CLIP trainer.
+    captions_per_sample: int = 1
 
     def __post_init__(self):
+        if self.captions_per_sample < 1:
+            raise ConfigError(f"data.captions_per_sample must be >= 1, got {self.captions_per_sample}")
         if self.caption_sampling not in CAPTION_SAMPLING:
             raise ConfigError(f"data.caption_sampling must be one of {', '.join(CAPTION_SAMPLING)}; "
                               f"got {self.caption_sampling!r}")
@@ -272,6 +280,10 @@ class TrainConfig:
     fit_steps_to_time: bool = False
     fit_skip_steps: int = 10
     fit_measure_steps: int = 40
+    # Measure every later window of fit_measure_steps steps too and fit the plan again where one moves the planned
+    # end by more than fit_reserve_s / 2 (contrastive/step_plan.py): steps that speed up once a locked tower's
+    # cache is full, or slow down on a busier machine. false: plan once.
+    fit_refit: bool = True
     # Seconds of max_time_s the plan leaves to in-loop evaluations, checkpoints and the final save (they are not
     # in the measured step time). None: 5% of max_time_s.
     fit_reserve_s: Optional[float] = None
@@ -369,6 +381,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self):
+        if self.data.captions_per_sample > 1 and self.loss.positives != "pair":
+            raise ConfigError(f"data.captions_per_sample={self.data.captions_per_sample} works with loss.positives=pair, "
+                              f"not {self.loss.positives} (each of the K captions is its image's only positive)")
 
 
 def resolve_auto(cfg: Config, *, cuda: bool) -> Config:

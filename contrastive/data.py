@@ -75,6 +75,7 @@ class StreamSpec:
     class_sets: list
     class_set_of_shard: list[int]
     caption_sampling: str = "first"  # data.caption_sampling
+    captions_per_sample: int = 1  # data.captions_per_sample
 
 
 def _first_key(sample: dict, keys: str):
@@ -141,12 +142,23 @@ class _SlotStream(IterableDataset):
                 index += 1
             offset = 0
 
+    def _captions(self, sample: dict, rng: random.Random) -> list[str]:
+        """The sample's data.captions_per_sample (K) captions: with several in its JSON's "captions", one drawn
+        with `rng` (caption_sampling=random; K > 1: K in a seeded shuffle) or the first K (first), repeated in
+        turn when it has fewer than K; else its .txt, else a class template drawn with `rng`, K times;
+        raises _Skipped."""
+        spec, k = self.spec, self.spec.captions_per_sample
+        captions = _captions_list(sample) if spec.caption_sampling == "random" or k > 1 else []
+        if captions:
+            if spec.caption_sampling == "random":
+                # K = 1 keeps the draw of a plain random sampling (one choice), so its runs are unchanged.
+                captions = [rng.choice(captions)] if k == 1 else rng.sample(captions, len(captions))
+            return [captions[i % len(captions)] for i in range(k)]
+        return [self._caption(sample, rng) for _ in range(k)]
+
     def _caption(self, sample: dict, rng: random.Random) -> str:
-        """The sample's caption: one of its JSON's "captions" drawn with `rng` (data.caption_sampling=random),
-        else its .txt, else a class template drawn with `rng`; raises _Skipped."""
+        """The sample's .txt, else a class template drawn with `rng`; raises _Skipped."""
         spec = self.spec
-        if spec.caption_sampling == "random" and (captions := _captions_list(sample)):
-            return rng.choice(captions)
         txt = _first_key(sample, spec.caption_key)
         if txt is not None:
             try:
@@ -175,21 +187,21 @@ class _SlotStream(IterableDataset):
             label = -1
         return class_set << 32 | label if 0 <= label < 2**32 else -1
 
-    def _process(self, sample: dict, seed: int, out: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+    def _process(self, sample: dict, seed: int, out: torch.Tensor | None) -> tuple[torch.Tensor, list[str]]:
         """Caption, decode and augment one sample (the image written into `out` if given); raises _Skipped."""
         if "__bad__" in sample:
             raise _Skipped(sample["__bad__"])
         img_bytes = _first_key(sample, self.spec.image_key)
         if img_bytes is None:
             raise _Skipped("no_image")
-        caption = self._caption(sample, random.Random(seed))
+        captions = self._captions(sample, random.Random(seed))
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
             image = self.spec.transform(img_bytes, out=out)
         except Exception:
             raise _Skipped("bad_image") from None
-        return image, caption
+        return image, captions
 
     def _new_batch(self, image: torch.Tensor | JpegCrop) -> "_PixelBatch | JpegBatchBuilder":
         """An empty batch for samples like the first one; in a worker it lives in shared memory (as
@@ -215,19 +227,19 @@ class _SlotStream(IterableDataset):
                 if info is None and saved is None:
                     saved = (torch.get_rng_state(), random.getstate())
                 seed = make_seed(plan.seed, epoch, plan.rank, worker, block, index)
-                slot = images.slot(len(captions)) if images is not None else None
+                slot = images.slot(len(keys)) if images is not None else None
                 try:
-                    image, caption = self._process(sample, seed, slot)
+                    image, sample_captions = self._process(sample, seed, slot)
                 except _Skipped as e:
                     skipped[e.reason] = skipped.get(e.reason, 0) + 1
                     continue
                 if images is None:
                     images = self._new_batch(image)
-                images.put(len(captions), image)
-                captions.append(caption)
+                images.put(len(keys), image)
+                captions.extend(sample_captions)  # sample-major: sample i's K captions are rows i*K .. i*K+K-1
                 keys.append(f"{sample.get('__url__')}#{sample.get('__key__')}")
                 classes.append(self._class_id(sample))
-                if len(captions) == spec.batch_size:
+                if len(keys) == spec.batch_size:
                     meta = {"worker": worker, "position": after, "skipped": dict(skipped), "keys": keys,
                             "classes": classes}
                     batch = images.finish(), spec.tokenizer(captions), meta
@@ -463,7 +475,9 @@ class TrainLoader:
                           worker_offset=self.num_batches % num_slots, batch_size=self.batch_size,
                           transform=self.transform, tokenizer=CachedTokenizer(self.tokenizer),
                           image_key=self.cfg.image_key, caption_key=self.cfg.caption_key,
-                          caption_sampling=self.cfg.caption_sampling, class_sets=self.class_sets, class_set_of_shard=self.class_set_of_shard)
+                          caption_sampling=self.cfg.caption_sampling,
+                          captions_per_sample=self.cfg.captions_per_sample, class_sets=self.class_sets,
+                          class_set_of_shard=self.class_set_of_shard)
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}

@@ -8,9 +8,12 @@ weights-only loading (contrastive.checkpoint.load_full_state_dict), and written 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,11 @@ SUMMARY = "export.json"
 _SCALARS = ("logit_scale", "logit_bias")
 # Max abs difference between an export and our model (fp32, on random inputs) above which export fails.
 CHECK_TOL = 1e-4
+# A staging folder of another host (or of no recorded host) in which nothing changed for this long is taken as
+# abandoned and removed: generous, as an export on another node cannot be asked whether it is alive.
+STALE_STAGE_S = 2 * 24 * 3600
+# Failures while writing that a user can fix: full disk or quota, read-only or forbidden destination.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass
@@ -123,17 +131,45 @@ def _check_out(out: Path, source_path: Path, overwrite: bool) -> None:
             raise UserError(f"--out {out} holds the model being exported; --overwrite would delete it")
 
 
+def _stage_dir(out: Path) -> Path:
+    """This export's staging folder beside `out`, named after the host and pid that own it."""
+    return out.parent / f".{out.name}.incoming-{socket.gethostname()}-{os.getpid()}"
+
+
+def _newest_mtime(path: Path) -> float:
+    times = [path.stat().st_mtime]
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                times.append(os.stat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return max(times)
+
+
 def _remove_stale_stages(out: Path) -> None:
-    """Staging folders of exports whose process died (killed, or crashed in a native library)."""
+    """Staging folders of exports that died (killed, or crashed in a native library).
+
+    On a shared filesystem a staging folder may belong to a live export on another node, where its pid means
+    nothing here: a folder is stale only when it names this host and its pid is not running, or when nothing
+    in it changed for STALE_STAGE_S (an export writes its files as it goes; none sits still that long)."""
+    host = socket.gethostname()
     for stage in out.parent.glob(f".{out.name}.incoming-*"):
+        owner, _, pid_text = stage.name[len(f".{out.name}.incoming-"):].rpartition("-")
+        if owner == host and pid_text.isdigit():
+            try:
+                os.kill(int(pid_text), 0)
+                continue
+            except ProcessLookupError:
+                shutil.rmtree(stage, ignore_errors=True)
+                continue
+            except PermissionError:  # alive, another user's
+                continue
         try:
-            os.kill(int(stage.name.rsplit("-", 1)[1]), 0)
-        except ValueError:
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(stage, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            continue
+            if time.time() - _newest_mtime(stage) > STALE_STAGE_S:
+                shutil.rmtree(stage, ignore_errors=True)
+        except FileNotFoundError:  # its export just finished or cleaned up
+            pass
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -350,10 +386,13 @@ def export(model: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp32",
         check_representable(source.model_cfg, source.preprocess_cfg)
     bundle = build_bundle(source)
     torch_dtype = DTYPES[dtype]
-    _remove_stale_stages(out)
-    stage = out.parent / f".{out.name}.incoming-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    stage = _stage_dir(out)
+    try:
+        _remove_stale_stages(out)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror}: {e.filename})") from None
     try:
         summary: dict[str, Any] = {"format": fmt, "source": str(source.path), "dtype": dtype, "out": str(out)}
         if fmt == "open_clip":
@@ -384,7 +423,9 @@ def export(model: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp32",
         (stage / SUMMARY).write_text(json.dumps(summary, indent=2))
         write_model_card(stage / CARD, source=source, bundle=bundle, summary=summary)
         _publish(stage, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+            raise UserError(f"export to {out} failed: {e.strerror} ({e.filename or stage}); nothing was written") from None
         raise
     return summary

@@ -241,6 +241,23 @@ def _sigmoid_block(image_BD, text_BD, scale, bias, *, positives: bool = False) -
     return loss / image_BD.shape[0]
 
 
+def mean_over_captions(loss_fn, image_BD: torch.Tensor, text_XD: torch.Tensor, logit_scale: torch.Tensor,
+                       logit_bias: torch.Tensor | None = None, *, group=None, **kwargs) -> torch.Tensor:
+    """`loss_fn` between B images and X = B * K texts, sample-major (image i's captions are rows i*K .. i*K+K-1,
+    data.captions_per_sample): the mean over k of `loss_fn(images, the B k-th captions)`. Each term is an
+    ordinary global-batch loss (its own all-gathers), so every loss above keeps its distributed form; K = 1
+    is `loss_fn` itself."""
+    num_images = image_BD.shape[0]
+    k, rest = divmod(text_XD.shape[0], num_images)
+    if rest or not k:
+        raise ValueError(f"{text_XD.shape[0]} texts for {num_images} images: expected a multiple")
+    if k == 1:
+        return loss_fn(image_BD, text_XD, logit_scale, logit_bias, group=group, **kwargs)
+    text_BKD = text_XD.reshape(num_images, k, -1)
+    return sum(loss_fn(image_BD, text_BKD[:, i].contiguous(), logit_scale, logit_bias, group=group, **kwargs)
+               for i in range(k)) / k
+
+
 def build_loss(cfg):
     """The loss function selected by `loss.name`, with its own options bound."""
     from functools import partial

@@ -3,7 +3,10 @@
 The plan starts as train.steps. With train.fit_steps_to_time, StepTimer measures the seconds per step early in the
 run and rank 0 plans the steps that fit in what is left of train.max_time_s (fit_steps); every rank adopts rank
 0's plan, the checkpoint saves it (state.json "step_plan") and a resume restores it, so the schedule of a resumed
-run is the uninterrupted run's.
+run is the uninterrupted run's. The timer goes on measuring windows of the same length, and the plan is fitted
+again where a window's step time moves the planned end by more than half of train.fit_reserve_s (steps that get
+faster once a locked tower's feature cache is full, a machine that gets busier): the cosine bends again from
+where it stands, so the schedule still ends with the budget.
 """
 from __future__ import annotations
 
@@ -25,33 +28,43 @@ class StepPlan:
     configured_steps: int
     fitted_at: int = 0
     step_time_s: float = 0.0
+    # How far the cosine stood at max(fitted_at, warmup) when the plan was last fitted, and how many fits.
+    anchor_progress: float = 0.0
+    fits: int = 0
 
     @classmethod
     def configured(cls, steps: int) -> "StepPlan":
         return cls(steps=steps, configured_steps=steps)
 
-    def fit(self, *, steps: int, at_step: int, step_time_s: float) -> None:
-        assert steps > at_step and not self.fitted_at, (steps, at_step, self.fitted_at)
+    def fit(self, *, steps: int, at_step: int, step_time_s: float, warmup_steps: int = 0) -> None:
+        """Plan `steps` in total from `at_step` on (again, if fitted before: from where the cosine stands)."""
+        assert steps > at_step >= self.fitted_at, (steps, at_step, self.fitted_at)
+        anchor_progress = self.cosine_progress(max(at_step, warmup_steps), warmup_steps) if self.fitted_at else 0.0
         self.steps, self.fitted_at, self.step_time_s = steps, at_step, step_time_s
+        self.anchor_progress, self.fits = anchor_progress, self.fits + 1
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     def restore(self, saved: dict, *, max_steps: int) -> None:
         """Adopt a checkpoint's plan; a lower train.steps on resume still caps it."""
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, type(getattr(self, f.name))(saved[f.name]))
+        for f in dataclasses.fields(self):  # fields a checkpoint from before refits lacks keep their defaults
+            if f.name in saved:
+                setattr(self, f.name, type(getattr(self, f.name))(saved[f.name]))
         self.steps = min(self.steps, max_steps)
 
     def cosine_progress(self, step: int, warmup_steps: int) -> float:
         """How far (0..1) the cosine part of the schedule is at `step` (>= warmup_steps). Before the fit it runs
         over configured_steps; from the fit on it goes from where it stood to 1 at `steps`, so the factor is
-        continuous at the fit (a fit within the warmup gives the plain cosine over `steps`)."""
+        continuous at the fit (a fit within the warmup gives the plain cosine over `steps`). A refit anchors at
+        the progress the previous fit had reached there (`anchor_progress`); steps before the last fit are the
+        past, which the scheduler never asks for again (for a first fit they are exact)."""
         anchor = max(self.fitted_at, warmup_steps)
         before = min(1.0, (step - warmup_steps) / max(1, self.configured_steps - warmup_steps))
         if not self.fitted_at or step < anchor:
             return before
-        at_anchor = min(1.0, (anchor - warmup_steps) / max(1, self.configured_steps - warmup_steps))
+        at_anchor = (self.anchor_progress if self.fits > 1 else
+                     min(1.0, (anchor - warmup_steps) / max(1, self.configured_steps - warmup_steps)))
         return min(1.0, at_anchor + (1 - at_anchor) * (step - anchor) / max(1, self.steps - anchor))
 
 
@@ -83,21 +96,25 @@ def fit_steps(*, step: int, elapsed_s: float, step_time_s: float, cfg: TrainConf
     return max(step + 1, min(cfg.steps, step + math.floor(left / step_time_s)))
 
 
+def worth_refitting(plan: StepPlan, *, planned: int, step_time_s: float, cfg: TrainConfig) -> bool:
+    """Whether to adopt `planned`: always the first time; after that when it moves the planned end by more than
+    half the reserve (smaller errors the reserve absorbs, and each refit bends the cosine once more)."""
+    return not plan.fitted_at or abs(planned - plan.steps) * step_time_s > reserve_s(cfg) / 2
+
+
 class StepTimer:
-    """Seconds per step over train.fit_measure_steps steps, after train.fit_skip_steps steps of this process
-    (start-up, compilation, first batches). Fed at steps where the host has waited for the device, with the
-    budget's elapsed seconds and the seconds spent in checkpoints and evaluations so far (left out)."""
+    """Seconds per step over consecutive windows of train.fit_measure_steps steps, after train.fit_skip_steps
+    steps of this process (start-up, compilation, first batches). Fed at steps where the host has waited for
+    the device, with the budget's elapsed seconds and the seconds spent in checkpoints and evaluations so far
+    (left out)."""
 
     def __init__(self, cfg: TrainConfig, *, first_step: int):
         self.skip_until = first_step + cfg.fit_skip_steps
         self.measure_steps = cfg.fit_measure_steps
         self.start: tuple[int, float] | None = None
-        self.done = False
 
     def observe(self, step: int, *, elapsed_s: float, overhead_s: float) -> float | None:
-        """The measured seconds per step once the window is complete (once), else None."""
-        if self.done:
-            return None
+        """The window's seconds per step at each step that completes a window, else None."""
         if self.start is None:
             if step >= self.skip_until:
                 self.start = (step, elapsed_s - overhead_s)
@@ -105,5 +122,5 @@ class StepTimer:
         start_step, start_s = self.start
         if step - start_step < self.measure_steps:
             return None
-        self.done = True
+        self.start = (step, elapsed_s - overhead_s)
         return (elapsed_s - overhead_s - start_s) / (step - start_step)

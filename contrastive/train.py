@@ -23,13 +23,13 @@ from contrastive.data import TrainLoader
 from contrastive.distributed import host_all_gather, host_broadcast_object
 from contrastive.errors import UserError
 from contrastive.evaluators import build_evaluators, run_evaluators
-from contrastive.losses import build_loss, caption_keys, class_keys
+from contrastive.losses import build_loss, caption_keys, class_keys, mean_over_captions
 from contrastive.metrics import MetricsLogger
 from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
 from contrastive.models import build_model
 from contrastive.run_dir import refuse_reused_run_dir
 from contrastive.step_plan import (StepPlan, StepTimer, fit_steps, lr_lambda,  # noqa: F401 (lr_lambda re-exported)
-                                   reserve_s)
+                                   reserve_s, worth_refitting)
 
 # The clock of train.max_time_s and of train.fit_steps_to_time's step timing (tests put a fake one here).
 budget_clock = time.perf_counter
@@ -59,10 +59,11 @@ def _loss(loss_fn, out: dict, group, *, image_BD=None, text_BD=None, logit_scale
     """The loss in fp32. The logit scale is not clamped here but as a parameter after each step
     (engine.clamp_logit_scale_), so its gradient stays alive at the cap."""
     scale = (out["logit_scale"] if logit_scale is None else logit_scale).float()
-    return loss_fn((out["image_features"] if image_BD is None else image_BD).float(),
-                   (out["text_features"] if text_BD is None else text_BD).float(), scale,
-                   None if out.get("logit_bias") is None else out["logit_bias"].float(), group=group,
-                   **({} if keys_B is None else {"positive_keys_B": keys_B}))
+    # K captions per image (data.captions_per_sample) come as K * B text rows: the mean of K losses.
+    return mean_over_captions(loss_fn, (out["image_features"] if image_BD is None else image_BD).float(),
+                              (out["text_features"] if text_BD is None else text_BD).float(), scale,
+                              None if out.get("logit_bias") is None else out["logit_bias"].float(), group=group,
+                              **({} if keys_B is None else {"positive_keys_B": keys_B}))
 
 
 def positive_keys(loss_fn, texts_BL: torch.Tensor, classes_B: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -280,7 +281,7 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     counters = DeviceCounters() if cfg.train.sync_every > 1 else None
     dedupe = cfg.train.dedupe_captions and cfg.train.accum_steps == 1 and text_draws_no_randomness(engine.module)
     preempted = False
-    timer = StepTimer(cfg.train, first_step=step) if cfg.train.fit_steps_to_time and not plan.fitted_at else None
+    timer = StepTimer(cfg.train, first_step=step) if cfg.train.fit_steps_to_time else None
     overhead_s = 0.0  # budget seconds spent in checkpoints and evaluations: not step time
     while step < plan.steps:
         t0 = time.perf_counter()
@@ -353,12 +354,15 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
 def _fit_plan(plan: StepPlan, *, step: int, step_time_s: float, elapsed: float, cfg: Config, world, logger, run_dir,
               bar, announce: bool) -> None:
     """train.fit_steps_to_time: rank 0 plans the total steps from its measured step time and every rank adopts
-    that plan (the ranks' clocks differ a little, and all must stop at the same step); recorded in metrics.jsonl
+    that plan (again at later windows where step_plan.worth_refitting says so) (the ranks' clocks differ a little, and all must stop at the same step); recorded in metrics.jsonl
     and RUN/step_plan.json. A collective: every rank calls it at the same step."""
     planned = fit_steps(step=step, elapsed_s=elapsed, step_time_s=step_time_s, cfg=cfg.train)
     planned, step_time_s = host_broadcast_object((planned, step_time_s) if world.is_main else None)
-    plan.fit(steps=planned, at_step=step, step_time_s=step_time_s)
-    record = {"step": step, "planned_steps": planned, "step_time_s": step_time_s, "time_s": elapsed,
+    if plan.fitted_at and not (cfg.train.fit_refit and worth_refitting(plan, planned=planned, step_time_s=step_time_s,
+                                                                       cfg=cfg.train)):
+        return
+    plan.fit(steps=planned, at_step=step, step_time_s=step_time_s, warmup_steps=cfg.optim.warmup_steps)
+    record = {"step": step, "planned_steps": planned, "fit": plan.fits, "step_time_s": step_time_s, "time_s": elapsed,
               "max_time_s": cfg.train.max_time_s, "fit_reserve_s": reserve_s(cfg.train)}
     logger.log(record)
     if world.is_main:

@@ -40,6 +40,14 @@ def test_command_line_mirrors_our_config():
     assert a.dataset_type == "webdataset" and a.dataset_resampled and a.train_data == "/d/{00000..00003}.tar"
     assert a.aug_cfg == {"scale": (0.5, 1.0), "use_timm": True}
     assert a.save_most_recent and a.save_frequency == 1 and a.lr_scheduler == "cosine"
+    # The same arithmetic on both sides: our bf16 autocast is open_clip's amp_bf16; DeepSpeed's bf16 weights
+    # have no open_clip_train equivalent.
+    argv = bench.openclip_train_args(_cfg("deepspeed.precision=amp_bf16"), train_spec="/d/0.tar", samples_per_epoch=32,
+                                     epochs=1, logs=REPO / "runs" / "x")
+    assert parse_args(argv).precision == "amp_bf16"
+    with pytest.raises(SystemExit, match="deepspeed.precision=bf16 has no open_clip_train equivalent"):
+        bench.openclip_train_args(_cfg("deepspeed.precision=bf16"), train_spec="/d/0.tar", samples_per_epoch=32,
+                                  epochs=1, logs=REPO / "runs" / "x")
 
 
 def test_differences_are_reported():

@@ -328,6 +328,7 @@ def test_an_architecture_clipmodel_cannot_hold_is_refused_before_writing(synthet
 
 
 def test_a_non_empty_out_is_kept_unless_overwrite(run, tmp_path, capsys):
+    import socket
     import subprocess
 
     out = tmp_path / "o"
@@ -335,7 +336,7 @@ def test_a_non_empty_out_is_kept_unless_overwrite(run, tmp_path, capsys):
     (out / "precious.txt").write_text("keep me")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / f".o.incoming-{dead.pid}"  # left by an export that was killed
+    stale = tmp_path / f".o.incoming-{socket.gethostname()}-{dead.pid}"  # left by a killed export
     stale.mkdir()
     assert export_cli("--model", run[0], "--format", "onnx", "--out", out) == 2
     assert "not empty" in one_line_error(capsys) and (out / "precious.txt").read_text() == "keep me"

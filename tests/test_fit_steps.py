@@ -218,3 +218,63 @@ def test_fit_steps_to_time_is_validated():
 def test_every_time_budgeted_recipe_fits_its_steps_to_its_budget():
     budgeted = [p.name for p in sorted((REPO / "configs").glob("*.yaml")) if load_config(p).train.max_time_s]
     assert budgeted and all(load_config(REPO / "configs" / name).train.fit_steps_to_time for name in budgeted), budgeted
+
+
+def _lr_at(progress: float) -> float:
+    return LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+# Steps that get faster after the first window (a locked tower's feature cache filling up): start-up, 4 steps of
+# 2 s, then 0.5 s each. Fitted on the first window alone the plan would leave most of a 40 s budget unused.
+FASTER_COSTS = [STARTUP_STEP_S] * STARTUP_STEPS + [2.0] * 4 + [0.5] * 100
+REFIT = ("train.max_time_s=40", "train.steps=100", "optim.warmup_steps=3")
+
+
+def test_steps_that_get_faster_are_refitted_and_fill_the_budget(tmp_path, tiny_overrides, train_slowly):
+    expected = _steps_that_fit(FASTER_COSTS, 40 - RESERVE_S)
+    assert expected == 50
+    run = tmp_path / "run"
+    result = train_slowly(run, _overrides(tiny_overrides, *REFIT), costs_s=FASTER_COSTS)
+    assert (result.step, result.preempted) == (expected, False)
+    fits = [(r["step"], r["planned_steps"], r["fit"]) for r in _records(run) if "planned_steps" in r]
+    # First fit at step 6 from the slow window (6 + 22 s / 2 s), the refit at step 10 from the fast one; the
+    # windows after it agree with the plan, so nothing more.
+    assert fits == [(6, 17, 1), (10, expected, 2)]
+    assert _state(run)["step_plan"]["steps"] == expected and _state(run)["time_s"] <= 40
+    # The cosine bends at each fit from where it stands, without a jump, and ends at its floor with the budget.
+    lrs, first = _train_lrs(run), (6 - 3) / (100 - 3)
+    at_refit = first + (1 - first) * (10 - 6) / (17 - 6)
+    for step in range(10, expected + 1):
+        assert lrs[step] == pytest.approx(_lr_at(at_refit + (1 - at_refit) * (step - 10) / (expected - 10)), rel=1e-6)
+    for step in range(6, 10):
+        assert lrs[step] == pytest.approx(_lr_at(first + (1 - first) * (step - 6) / (17 - 6)), rel=1e-6)
+    after = [lrs[s] for s in range(3, expected + 1)]
+    assert all(a > b for a, b in zip(after, after[1:]))
+    assert lrs[expected] == pytest.approx(LR * MIN_LR_RATIO)
+
+
+def test_without_refits_faster_steps_leave_the_budget_unused(tmp_path, tiny_overrides, train_slowly):
+    run = tmp_path / "run"
+    result = train_slowly(run, _overrides(tiny_overrides, *REFIT, "train.fit_refit=false"), costs_s=FASTER_COSTS)
+    assert result.step == 17 and _state(run)["time_s"] < 25
+    assert [r["planned_steps"] for r in _records(run) if "planned_steps" in r] == [17]
+
+
+def test_a_refit_keeps_the_schedule_continuous():
+    from contrastive.step_plan import StepPlan, lr_lambda
+
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.0)
+    plan = StepPlan.configured(1000)
+    f = lr_lambda(cfg, plan)
+    plan.fit(steps=100, at_step=20, step_time_s=1.0, warmup_steps=10)
+    for at, steps in ((40, 300), (120, 150), (130, 131)):
+        before = f(at)
+        plan.fit(steps=steps, at_step=at, step_time_s=1.0, warmup_steps=10)
+        assert f(at) == pytest.approx(before, rel=1e-12)  # no jump where the plan changes
+        assert f(steps) == pytest.approx(0.0, abs=1e-12) and all(f(s) >= f(s + 1) for s in range(at, steps + 5))
+    saved = plan.to_json()
+    restored = StepPlan.configured(1000)
+    restored.restore(saved, max_steps=1000)
+    assert restored == plan
+    old = {k: v for k, v in saved.items() if k not in ("anchor_progress", "fits")}  # a checkpoint before refits
+    StepPlan.configured(1000).restore(old, max_steps=1000)

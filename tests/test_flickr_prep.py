@@ -249,3 +249,68 @@ def test_a_resumed_loader_draws_the_captions_of_the_uninterrupted_one(tmp_path):
             break
     assert got == expected
     assert len({c for _, captions in expected for c in captions}) > 24  # not one caption per sample
+
+
+# ---------------------------------------------------------------- data.captions_per_sample
+
+def _visits_k(loader: TrainLoader, num_batches: int, k: int) -> list[tuple[str, list[str]]]:
+    """(sample key, its K captions) of each sample visited in the first `num_batches` batches."""
+    out = []
+    for i, (_, tokens, keys) in enumerate(loader.batches_with_keys()):
+        captions = _captions_of(tokens)
+        assert len(captions) == k * len(keys)
+        out += [(key, captions[j * k:(j + 1) * k]) for j, key in enumerate(keys)]
+        if i + 1 == num_batches:
+            return out
+    raise AssertionError("the stream ended")
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_k_captions_per_sample_are_its_own_distinct_captions_in_a_seeded_shuffle(tmp_path, k):
+    spec = _multi_caption_set(tmp_path / "set", 20)
+    visits = _visits_k(_caption_loader(spec, sampling="random", captions_per_sample=k), 50, k)
+    assert visits == _visits_k(_caption_loader(spec, sampling="random", captions_per_sample=k), 50, k)
+    orders = set()
+    for key, captions in visits:
+        number = int(captions[0].split("/")[0])
+        if number % 7 == 6:  # no captions list: its .txt, K times
+            assert captions == [f"{number}/0"] * k
+            continue
+        own = [f"{number}/{j}" for j in range(NUM_CAPTIONS)]
+        head = captions[:min(k, NUM_CAPTIONS)]
+        assert sorted(head) == sorted(own)[:len(head)] if k >= NUM_CAPTIONS else set(head) <= set(own)
+        assert len(set(head)) == len(head)  # without replacement
+        assert captions == [head[i % NUM_CAPTIONS] for i in range(k)]  # fewer than K: repeated in turn
+        orders.add(tuple(int(c.split("/")[1]) for c in head))  # the order of its captions' indices
+    assert len(orders) > 5  # drawn, not the file order
+
+
+def test_k_first_captions_are_the_first_k_in_file_order(tmp_path):
+    spec = _multi_caption_set(tmp_path / "set", 20)
+    for _, captions in _visits_k(_caption_loader(spec, sampling="first", captions_per_sample=3), 10, 3):
+        number = captions[0].split("/")[0]
+        assert captions in ([f"{number}/0", f"{number}/1", f"{number}/2"], [f"{number}/0"] * 3)
+
+
+def test_k_captions_resume_where_the_uninterrupted_loader_is(tmp_path):
+    spec = _multi_caption_set(tmp_path / "set", 24)
+    options = dict(sampling="random", num_workers=2, prefetch_factor=2, captions_per_sample=3)
+    first = _caption_loader(spec, **options)
+    batches = first.batches_with_keys()
+    for _ in range(5):
+        next(batches)
+    state = json.loads(json.dumps(first.state_dict()))
+    expected = [(keys, _captions_of(tokens)) for _, tokens, keys in (next(batches) for _ in range(10))]
+    resumed = _caption_loader(spec, **options)
+    resumed.load_state_dict(state)
+    got = [(keys, _captions_of(tokens)) for _, (_, tokens, keys) in zip(range(10), resumed.batches_with_keys())]
+    assert got == expected
+
+
+def test_k_captions_need_pair_positives():
+    from contrastive.config import Config, LossConfig
+
+    with pytest.raises(ConfigError, match="captions_per_sample must be >= 1"):
+        DataConfig(captions_per_sample=0)
+    with pytest.raises(ConfigError, match="captions_per_sample=2 works with loss.positives=pair, not caption"):
+        Config(data=DataConfig(captions_per_sample=2), loss=LossConfig(positives="caption"))

@@ -3,6 +3,7 @@ losses, and the same losses split over 2 and 4 gloo ranks."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -399,3 +400,62 @@ def test_training_with_the_tiled_loss_follows_the_plain_loss(tmp_path, tiny_over
         runs[name] = losses(tmp_path / name)
     assert len(runs["infonce"]) >= 2
     assert runs["infonce_tiled"] == pytest.approx(runs["infonce"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- K captions per image (data.captions_per_sample)
+
+def _reference_k_captions(image, text_XD, scale):
+    """The K-caption loss written out in float64 with explicit sums: caption (i, k) is row i*K + k; for each k,
+    image i's softmax over the B k-th captions and caption (i, k)'s softmax over the B images."""
+    image, text, s = image.double(), text_XD.double(), float(scale)
+    num, k = image.shape[0], text.shape[0] // image.shape[0]
+    total = 0.0
+    for c in range(k):
+        texts_c = text[c::k]
+        for i in range(num):
+            row = [s * float(image[i] @ texts_c[j]) for j in range(num)]
+            col = [s * float(image[j] @ texts_c[i]) for j in range(num)]
+            total += 0.5 * (math.log(sum(math.exp(v) for v in row)) - row[i]) / num
+            total += 0.5 * (math.log(sum(math.exp(v) for v in col)) - col[i]) / num
+    return total / k
+
+
+def test_k_captions_loss_matches_the_written_out_sums():
+    from contrastive.losses import mean_over_captions
+
+    image, _ = _features(6, 8, seed=3)
+    text = F.normalize(torch.randn(18, 8, generator=torch.Generator().manual_seed(4)) + image.repeat_interleave(3, 0), dim=1)
+    got = mean_over_captions(infonce, image, text, torch.tensor([7.0]))
+    assert abs(got.item() - _reference_k_captions(image, text, 7.0)) < 1e-5
+    # K = 1 is the loss itself; a text count that is no multiple of the images is refused.
+    assert torch.equal(mean_over_captions(infonce, image, text[:6], torch.tensor([7.0])),
+                       infonce(image, text[:6], torch.tensor([7.0])))
+    with pytest.raises(ValueError, match="8 texts for 6 images"):
+        mean_over_captions(infonce, image, text[:8], torch.tensor([7.0]))
+
+
+def _k_captions_rank_body(rank, world_size, image_GD, text_GXD, k):
+    from contrastive.losses import mean_over_captions
+
+    num = image_GD.shape[0] // world_size
+    image, text = image_GD[rank * num:(rank + 1) * num], text_GXD[rank * num * k:(rank + 1) * num * k]
+    return {name: _grads(lambda *a, **kw: mean_over_captions(fn, *a, **kw), image, text, torch.tensor([SCALE]),
+                         group=None) for name, fn in (("infonce", infonce), ("infonce_tiled", infonce_tiled))}
+
+
+def test_k_captions_loss_on_two_ranks_equals_one_process():
+    from contrastive.losses import mean_over_captions
+
+    k = 3
+    image, _ = _features(2 * NUM_PER_RANK, DIM, seed=21)
+    text = F.normalize(torch.randn(2 * NUM_PER_RANK * k, DIM, generator=torch.Generator().manual_seed(22))
+                       + image.repeat_interleave(k, 0), dim=1)
+    results = run_ranks(_k_captions_rank_body, world_size=2, args=(image, text, k))
+    want = _grads(lambda *a, **kw: mean_over_captions(infonce, *a, **kw), image, text, torch.tensor([SCALE]))
+    _assert_close(want[0], torch.tensor(_reference_k_captions(image, text, SCALE), dtype=want[0].dtype), "reference")
+    for name in ("infonce", "infonce_tiled"):
+        per_rank = [results[r][name] for r in range(2)]
+        _assert_close(torch.stack([r[0] for r in per_rank]).mean(), want[0], f"{name}: mean loss")
+        _assert_close(torch.cat([r[1] for r in per_rank]) / 2, want[1], f"{name}: d image / world")
+        _assert_close(torch.cat([r[2] for r in per_rank]) / 2, want[2], f"{name}: d text / world")
+        _assert_close(torch.stack([r[3] for r in per_rank]).mean(0), want[3], f"{name}: mean d scale")
