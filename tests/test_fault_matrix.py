@@ -86,9 +86,16 @@ def _evals(run: Path) -> dict[int, dict]:
 
 
 def _one_error_line(output: str) -> str:
-    errors = [line for line in output.splitlines() if line.startswith(ERROR)]
+    """The run's one error line (after the progress bar's last redraw, which it shares a line with)."""
+    errors = [line[line.index(ERROR):] for line in output.splitlines() if ERROR in line]
     assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
     return errors[0]
+
+
+def _nothing_staged(run: Path) -> bool:
+    """No checkpoint left half-saved under checkpoints/.incoming (DeepSpeed also copies its zero_to_fp32.py
+    recovery scripts there, beside the tags it saves: those are no checkpoint)."""
+    return not any((run / "checkpoints" / ".incoming").glob("step_*"))
 
 
 def _latest(run: Path) -> str:
@@ -134,21 +141,22 @@ KILL_POINTS = ("metrics.write", "checkpoint.write", "checkpoint.after_write_befo
                "checkpoint.before_latest")
 
 
-def _next_kill(rng: random.Random, run: Path, round_: int) -> tuple[str, float]:
-    """The round's moment: a fault point and which of its passes (the first four rounds cover the four points in
-    turn), or ("", delay): a kill `delay` seconds after the segment's first logged step. Chosen among the
-    moments the segment still reaches before the run's end, so that every round kills."""
+def _next_kill(rng: random.Random, run: Path, round_: int) -> tuple[str, int, float]:
+    """The round's moment: (a fault point and which of its passes, 0, 0.0), the first four rounds covering the
+    four points in turn; or ("", step, delay): a kill `delay` seconds after the record of `step` was written.
+    Chosen among the moments the segment still reaches before the run's end, so that every round kills: near
+    the end, only the first pass of a point (the first save, the first record), which the run cannot outrun."""
     done = _done(run)
-    saves_left = (STEPS - done) // CHECKPOINT_EVERY
+    left = STEPS - done
     ahead = [name for name in _step_dirs(run) if int(name.split("_")[1]) > done]
-    kinds = list(KILL_POINTS) + ["time"] + (["checkpoint.replace_aside"] if ahead else [])
+    kinds = list(KILL_POINTS) + ["checkpoint.replace_aside"] * bool(ahead) + ["time"] * (left > 2 * CHECKPOINT_EVERY)
     kind = KILL_POINTS[round_] if round_ < len(KILL_POINTS) else rng.choice(kinds)
     if kind == "time":
-        return "", rng.uniform(0.0, 0.6)
+        return "", done + rng.randint(1, min(5, left - 4)), rng.uniform(0.0, 0.05)
     if kind == "checkpoint.replace_aside":  # re-saving the checkpoint a kill published before `latest` named it
-        return f"{kind}=kill", 0.0
-    passes = rng.randint(1, min(4, STEPS - done - 1)) if kind == "metrics.write" else rng.randint(1, min(2, saves_left))
-    return f"{kind}=kill@{passes}", 0.0
+        return f"{kind}=kill", 0, 0.0
+    most = 1 if left <= 2 * CHECKPOINT_EVERY else (4 if kind == "metrics.write" else 2)
+    return f"{kind}=kill@{rng.randint(1, most)}", 0, 0.0
 
 
 def _done(run: Path) -> int:
@@ -167,13 +175,12 @@ def _logged_beyond(run: Path, step: int) -> bool:
     return False
 
 
-def _kill_after_first_step(server, run: Path, overrides: list[str], delay_s: float) -> tuple[int, str]:
-    done = _done(run)
+def _kill_after(server, run: Path, overrides: list[str], *, step: int, delay_s: float) -> tuple[int, str]:
     pid, log = _start(server, run, overrides)
     deadline = time.time() + 120
-    while not _logged_beyond(run, done):
+    while not _logged_beyond(run, step - 1):
         assert time.time() < deadline and server.poll(pid) is None, log.read_text()[-3000:]
-        time.sleep(0.01)
+        time.sleep(0.005)
     time.sleep(delay_s)
     os.kill(pid, signal.SIGKILL)
     return server.wait(pid), log.read_text()
@@ -181,25 +188,25 @@ def _kill_after_first_step(server, run: Path, overrides: list[str], delay_s: flo
 
 def test_sigkill_at_ten_seeded_moments_then_resume_exactly(server, overrides, reference, tmp_path):
     """One run killed ten times (inside metrics writes, inside checkpoint saves at each of their points, and at
-    seeded times during training), resumed with train.resume=latest after each: its losses and evaluations are
+    seeded times after seeded steps), resumed with train.resume=latest after each: its losses and evaluations are
     the uninterrupted run's. A kill inside a metrics write leaves half a line, which the resume drops."""
     rng = random.Random(19)
     run = tmp_path / "killed"
     moments = []
     for round_ in range(10):
-        fault, delay_s = _next_kill(rng, run, round_)
-        moments.append(fault or f"{delay_s:.2f} s after the first step")
+        fault, step, delay_s = _next_kill(rng, run, round_)
+        moments.append(fault or f"{delay_s:.3f} s after step {step}")
         if fault:
             code, output = _train(server, run, overrides, fault=fault)
         else:
-            code, output = _kill_after_first_step(server, run, overrides, delay_s)
+            code, output = _kill_after(server, run, overrides, step=step, delay_s=delay_s)
         assert code == -signal.SIGKILL, (moments, output[-3000:])
     code, output = _train(server, run, overrides)
     assert code == 0, output[-3000:]
     _assert_resumed_exactly(run, reference)
     logs = "".join(p.read_text() for p in tmp_path.glob("killed.*.log"))
     assert "dropped 1 unreadable line(s)" in logs  # the half line of the kill inside a metrics write
-    assert not (run / "checkpoints" / ".incoming").exists() or not any((run / "checkpoints" / ".incoming").iterdir())
+    assert _nothing_staged(run)
     assert _latest(run) == f"step_{STEPS:08d}"
     _assert_tensorboard_shows_each_step_once(run)
 
@@ -224,7 +231,7 @@ def test_a_full_disk_during_a_checkpoint_save_stops_in_one_line_and_keeps_the_pr
     assert code == 2
     assert "No space left on device" in _one_error_line(output)
     assert _latest(run) == "step_00000012" and _step_dirs(run) == [f"step_{s:08d}" for s in (3, 6, 9, 12)]
-    assert not any((run / "checkpoints" / ".incoming").glob("*"))  # the failed save's staging is gone
+    assert _nothing_staged(run)  # the failed save's staging is gone
     code, output = _train(server, run, overrides)  # disk freed: the run continues from step 12
     assert code == 0, output[-3000:]
     _assert_resumed_exactly(run, reference)
