@@ -139,23 +139,26 @@ def _assert_resumed_exactly(run: Path, reference: Path) -> None:
 
 KILL_POINTS = ("metrics.write", "checkpoint.write", "checkpoint.after_write_before_publish",
                "checkpoint.before_latest")
+# Round by round: each fault point once (a kill at checkpoint.before_latest leaves a published checkpoint that
+# `latest` does not name yet, so the next segment re-saves its tag: checkpoint.replace_aside fires), then kills
+# at seeded moments of training (which land in steps, saves, evaluations and metrics writes alike).
+KILL_ROUNDS = (*KILL_POINTS, "checkpoint.replace_aside", *["seeded"] * 5)
 
 
 def _next_kill(rng: random.Random, run: Path, round_: int) -> tuple[str, int, float]:
-    """The round's moment: (a fault point and which of its passes, 0, 0.0), the first four rounds covering the
-    four points in turn; or ("", step, delay): a kill `delay` seconds after the record of `step` was written.
-    Chosen among the moments the segment still reaches before the run's end, so that every round kills: near
-    the end, only the first pass of a point (the first save, the first record), which the run cannot outrun."""
+    """The round's moment: (a fault point and which of its passes, 0, 0.0), or ("", step, delay): a kill `delay`
+    seconds after the record of `step` was written. Chosen among the moments the segment still reaches before
+    the run's end, so that every round kills: near the end, only the first pass of a point (the first save,
+    the first record), which the run cannot outrun."""
     done = _done(run)
     left = STEPS - done
-    ahead = [name for name in _step_dirs(run) if int(name.split("_")[1]) > done]
-    kinds = list(KILL_POINTS) + ["checkpoint.replace_aside"] * bool(ahead) + ["time"] * (left > 2 * CHECKPOINT_EVERY)
-    kind = KILL_POINTS[round_] if round_ < len(KILL_POINTS) else rng.choice(kinds)
-    if kind == "time":
-        return "", done + rng.randint(1, min(5, left - 4)), rng.uniform(0.0, 0.05)
-    if kind == "checkpoint.replace_aside":  # re-saving the checkpoint a kill published before `latest` named it
-        return f"{kind}=kill", 0, 0.0
-    most = 1 if left <= 2 * CHECKPOINT_EVERY else (4 if kind == "metrics.write" else 2)
+    kind = KILL_ROUNDS[round_]
+    if kind == "seeded" and left > 2 * CHECKPOINT_EVERY:
+        return "", done + rng.randint(1, min(8, left - 4)), rng.uniform(0.0, 0.05)
+    if kind == "seeded":
+        kind = rng.choice(KILL_POINTS)
+    most = 1 if left <= 2 * CHECKPOINT_EVERY or kind == "checkpoint.replace_aside" else \
+        (4 if kind == "metrics.write" else 2)
     return f"{kind}=kill@{rng.randint(1, most)}", 0, 0.0
 
 
@@ -193,7 +196,7 @@ def test_sigkill_at_ten_seeded_moments_then_resume_exactly(server, overrides, re
     rng = random.Random(19)
     run = tmp_path / "killed"
     moments = []
-    for round_ in range(10):
+    for round_ in range(len(KILL_ROUNDS)):
         fault, step, delay_s = _next_kill(rng, run, round_)
         moments.append(fault or f"{delay_s:.3f} s after step {step}")
         if fault:
