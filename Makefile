@@ -55,6 +55,8 @@ cifar10: venv
 	    || exit 1; \
 	done
 	# Stopped by train.max_time_s (the 15-minute budget), train exits 75 with its checkpoint: that run is scored.
+	# Each make trains afresh (`contrastive train` refuses a run directory that holds an earlier run).
+	rm -rf $(CIFAR_RUN)
 	$(BIN)/contrastive train --config $(CIFAR_CONFIG) --out $(CIFAR_RUN) \
 	  data.train=$$($(BIN)/python -m data_prep.cifar10 spec $(CIFAR_WORK)/shards/train) $(CIFAR_OVERRIDES); \
 	  rc=$$?; test $$rc = 0 || test $$rc = 75 || exit $$rc
@@ -97,6 +99,7 @@ cifar10-unseen: venv
 	  echo "$(UNSEEN)" > $(UNSEEN_WORK)/shards/unseen.txt || exit 1; \
 	fi
 	for variant in pretrained random; do \
+	  rm -rf $(UNSEEN_RUN)_$$variant; \
 	  $(BIN)/contrastive train --config $(UNSEEN_CONFIG) --out $(UNSEEN_RUN)_$$variant \
 	    data.train=$$($(BIN)/python -m data_prep.cifar10 spec $(UNSEEN_WORK)/shards/train) \
 	    model.text_random_init=$$(test $$variant = random && echo true || echo false) $(UNSEEN_OVERRIDES); \
@@ -129,7 +132,8 @@ FLICKR_OVERRIDES ?=
 flickr8k: venv
 	$(BIN)/python -m data_prep.flickr8k split --tar $(FLICKR_TAR) --out $(FLICKR_WORK)
 	$(BIN)/python -m data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(CIFAR_WORK) --unpack-to $(CIFAR_UNPACK)
-	# A run stopped by train.max_time_s exits 75 with its checkpoint: that run is scored.
+	# A run stopped by train.max_time_s exits 75 with its checkpoint: that run is scored. Each make trains afresh.
+	rm -rf $(FLICKR_RUN)
 	$(BIN)/contrastive train --config $(FLICKR_CONFIG) --out $(FLICKR_RUN) \
 	  data.train=$$($(BIN)/python -m data_prep.flickr8k spec $(FLICKR_WORK)/shards/train) \
 	  $(FLICKR_OVERRIDES); \

@@ -27,6 +27,7 @@ from contrastive.losses import build_loss, caption_keys, class_keys, mean_over_c
 from contrastive.metrics import MetricsLogger
 from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
 from contrastive.models import build_model
+from contrastive.run_dir import refuse_reused_run_dir
 from contrastive.step_plan import (StepPlan, StepTimer, fit_steps, lr_lambda,  # noqa: F401 (lr_lambda re-exported)
                                    reserve_s, worth_refitting)
 
@@ -224,6 +225,7 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     expand_sources(cfg.data.train)
     cfg = resolve_auto(cfg, cuda=torch.cuda.is_available())
     evaluators = build_evaluators(cfg.eval)
+    refuse_reused_run_dir(run_dir, resume=cfg.train.resume)
     resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
     world = init_distributed(timeout_s=cfg.train.dist_timeout_s)
     device = device_for(world)
@@ -254,7 +256,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
         loader.load_state_dict(mine["loader"])
         rng.restore(rng.from_json(mine), device)  # this rank's own CPU and device generators
         clamp_logit_scale_(engine, max_logit_scale=cfg.model.max_logit_scale)  # checkpoints of older versions
-        logger.truncate_after(step)
+    if cfg.train.resume:  # also with no checkpoint yet: the records of a run killed before its first one go
+        logger.resume_at(step)
     start = budget_clock()
 
     def elapsed_s() -> float:

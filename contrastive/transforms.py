@@ -32,6 +32,8 @@ def to_rgb(img, converted: list[str] | None = None):
             import numpy as np
 
             arr = np.asarray(img, dtype=np.float64)
+            if not np.isfinite(arr).all():  # float images (TIFF) can hold NaN or inf: no pixel value to give them
+                raise ValueError(f"image with non-finite pixel values ({img.mode}, {img.size[0]}x{img.size[1]})")
             top = arr.max() if arr.size and arr.max() > 255 else 255.0
             img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype("uint8"), "L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
