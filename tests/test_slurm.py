@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -327,3 +328,151 @@ def test_job_script_prefers_the_run_checkpoint_over_a_warm_start(tmp_path, input
     (tmp_path / "fake.log").unlink()
     rc, out, log = _fake_job(tmp_path, inputs, mode="finish", resume="/elsewhere/step_00000100", checkpoint=True)
     assert rc == 0 and "train.resume=latest" in log and "/elsewhere" not in log
+
+
+# ---------------------------------------------------------------- what the job script runs, with any run directory
+
+# Stands in for the trainer's python: records its argv as JSON, then runs the real python on the same program
+# (the recorded entry point, or `-m contrastive.cli`) with --help, which imports whichever contrastive that
+# program finds first.
+ARGV_PYTHON = f"""#!{sys.executable}
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd()}}) + "\\n")
+program = sys.argv[1:3] if sys.argv[1] == "-m" else sys.argv[1:2]
+os.execv({sys.executable!r}, [{sys.executable!r}, *program, "--help"])
+"""
+
+
+def _run_job_script(tmp_path, script: Path, *, cwd: Path, **env) -> tuple[int, str, list[dict]]:
+    """Run a rendered job script under fake srun/scontrol, its python being ARGV_PYTHON (bin/argv-python)."""
+    bin_dir = tmp_path / "bin"
+    log = tmp_path / "argv.log"
+    proc = subprocess.run(["bash", str(script)], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log),
+                                   SLURM_JOB_ID="1234", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1",
+                                   SLURM_NTASKS="1", CONTRASTIVE_SLURM_POLL_S="0.2", **env))
+    started = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc.returncode, proc.stdout + proc.stderr, started
+
+
+def _stubs(tmp_path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("argv-python", ARGV_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _sbatch_words(line: str) -> list[str]:
+    """The words sbatch reads from one #SBATCH line: a port of _get_argument in Slurm's src/sbatch/opt.c (22.05-
+    24.x): a backslash escapes the next character (inside quotes too), ' and " quote, an unquoted # ends the line."""
+    words, word, quote, escaped, started = [], [], "", False, False
+    for ch in line.removeprefix("#SBATCH"):
+        if escaped:
+            word.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = started = True
+        elif quote:
+            if ch == quote:
+                quote = ""
+            else:
+                word.append(ch)
+        elif ch in "'\"":
+            quote, started = ch, True
+        elif ch == "#":
+            break
+        elif ch.isspace():
+            if started or word:
+                words.append("".join(word))
+            word, started = [], False
+        else:
+            word.append(ch)
+            started = True
+    assert not quote, f"sbatch: unmatched {quote} in {line!r}"
+    return words + (["".join(word)] if started or word else [])
+
+
+@pytest.mark.parametrize("out", ["runs/a;date>INJECTED;#", "runs/exp(1)", "runs/my run (2)",
+                                 "runs/it's $HOME `touch INJECTED` \"q\" a:b&c|d"])
+def test_a_run_directory_is_data_never_shell_code(tmp_path, inputs, monkeypatch, out):
+    """The --out of the issue (`runs/a;date>INJECTED;#` ran `date` on the compute node; `runs/exp(1)` made a script
+    bash rejects), spaces and parentheses, and every other shell character: the rendered script parses, sbatch
+    reads its #SBATCH lines as meant, and the trainer gets the run directory as one intact argument."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # `contrastive slurm submit` run here: the job's working directory
+    monkeypatch.setattr(slurm, "query_cluster", lambda: None)
+    bin_dir = _stubs(tmp_path)
+    req = slurm.JobRequest(config=REPO / "configs" / "demo.yaml", overrides=[*inputs, "train.batch_size=64"],
+                           run_dir=Path(out), python=str(bin_dir / "argv-python"))
+    script = slurm.submit(req, dry_run=True).script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    run_dir = work / out
+    sbatch = dict(word.partition("=")[::2] for line in script.splitlines() if line.startswith("#SBATCH")
+                  for word in _sbatch_words(line))
+    assert sbatch["--output"] == f"{run_dir}/logs/slurm-%j.out" and sbatch["--chdir"] == str(work)
+    assert sbatch["--job-name"] == "contrastive-" + "".join(c if c.isalnum() or c in "._+-" else "_"
+                                                             for c in run_dir.name)
+
+    # Run it (as its first start on the node would) with the code a submission records.
+    code_dir = run_dir / "code" / slurm.code_digest(slurm.code_files(REPO))
+    slurm.record_code(code_dir, files=slurm.code_files(REPO), version=slurm.code_version(REPO), source=REPO)
+    (tmp_path / "job.sh").write_text(script)
+    rc, output, started = _run_job_script(tmp_path, tmp_path / "job.sh", cwd=work)
+    assert rc == 0 and "training finished" in output, output
+    assert started == [{"argv": [str(code_dir / slurm.CODE_MAIN), "train", "--config",
+                                 str(run_dir / "slurm" / "config.yaml"), "--out", str(run_dir), "train.resume=latest"],
+                        "cwd": str(work)}]
+    assert "usage: contrastive" in output  # the recorded entry point ran (with --help, see ARGV_PYTHON)
+    assert not list(tmp_path.rglob("INJECTED"))
+    assert "job=1234 run=0 nodes=node1" in (run_dir / "slurm" / "runs.log").read_text()
+    assert (run_dir / "logs" / "job-1234-run0").is_dir()
+
+
+def test_a_requeued_job_runs_the_code_it_was_submitted_with(tmp_path, inputs, monkeypatch, cluster):
+    """Submit from a checkout (installed editable: PYTHONPATH here), then change the checkout: the job, as any
+    requeue of it would, still runs the code recorded at submission."""
+    checkout = tmp_path / "checkout"
+    for rel, src in slurm.code_files(REPO).items():
+        (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, checkout / rel)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "submitted")
+    submitted = git("rev-parse", "HEAD")
+    monkeypatch.setattr(slurm, "REPO", checkout)
+    monkeypatch.setattr(slurm, "query_cluster", lambda: cluster)
+    monkeypatch.setattr(slurm, "_sbatch", lambda args, *, script: "Job 9 to start" if "--test-only" in args else "77")
+    bin_dir = _stubs(tmp_path)
+    run = tmp_path / "run"
+    sub = slurm.submit(_request(checkout, inputs, run_dir=run, python=str(bin_dir / "argv-python")))
+    assert sub.job_id == "77"
+
+    # The checkout moves on (a pull, an edit): its cli now fails on import.
+    (checkout / "contrastive" / "cli.py").write_text('raise SystemExit("ran the checkout\'s code")\n')
+    git("commit", "-qam", "later")
+    env = {"PYTHONPATH": str(checkout)}
+    # Without the recorded copy, `python -m contrastive.cli` (what the job ran before) would run the checkout's.
+    plain = subprocess.run([sys.executable, "-m", "contrastive.cli", "--help"], cwd=checkout, capture_output=True,
+                           text=True, env=dict(os.environ, **env))
+    assert plain.returncode == 1 and "ran the checkout's code" in plain.stderr
+
+    rc, output, started = _run_job_script(tmp_path, run / "slurm" / "job.sbatch", cwd=checkout, **env)
+    assert rc == 0 and "ran the checkout's code" not in output and "usage: contrastive" in output, output
+    code_dir = Path(started[0]["argv"][0]).parent
+    assert code_dir.parent == run / "code"
+    assert (code_dir / "contrastive" / "cli.py").read_bytes() == (REPO / "contrastive" / "cli.py").read_bytes()
+    assert json.loads((code_dir / "VERSION.json").read_text())["commit"] == submitted
+    assert f"commit={submitted} code={code_dir}" in (run / "slurm" / "runs.log").read_text()
+    # A resubmission of the changed code records a second copy beside the first, which it leaves alone.
+    (checkout / "contrastive" / "cli.py").write_bytes((REPO / "contrastive" / "cli.py").read_bytes() + b"\n# later\n")
+    slurm.submit(_request(checkout, inputs, run_dir=run, python=str(bin_dir / "argv-python")))
+    assert len(list((run / "code").iterdir())) == 2 and (code_dir / "VERSION.json").is_file()
