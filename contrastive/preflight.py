@@ -4,6 +4,7 @@ start-up (on a machine without its CPU communication op built, ~90 s of compilin
 from __future__ import annotations
 
 from contrastive.config import Config
+from contrastive.errors import UserError
 
 
 def check_run_inputs(cfg: Config) -> list:
@@ -14,7 +15,6 @@ def check_run_inputs(cfg: Config) -> list:
     from contrastive.models import get_open_clip_config
     from contrastive.pretrained import hf_text_dirs, local_path
     from contrastive.sharding import expand_sources
-    from contrastive.errors import UserError
 
     expand_sources(cfg.data.train)
     get_open_clip_config(cfg.model.name)  # the lookup build_model makes
