@@ -492,10 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     sl_sub = sl.add_subparsers(dest="slurm_command", required=True, parser_class=_IntermixedParser)
     sb = sl_sub.add_parser(
         "submit", help="check, render and submit slurm/train.sbatch", formatter_class=_Formatter,
-        description="Resolve CONFIG with the overrides, check the request against the config and the cluster, "
-                    "write the resolved config and git version into RUN_DIR/slurm/, render slurm/train.sbatch "
-                    "and sbatch it. The job checkpoints and requeues itself on USR1 (sent --signal-seconds before "
-                    "the time limit) and continues with train.resume=latest.")
+        description="Resolve CONFIG with the overrides, check the request against the config and the cluster "
+                    "and what the run will read (model name, shards, evaluator data), write the resolved config "
+                    "into RUN_DIR/slurm/ and a copy of the code (with its git commit) into RUN_DIR/code/, which "
+                    "every start of the job runs, render slurm/train.sbatch and sbatch it. The job checkpoints "
+                    "and requeues itself on USR1 (sent --signal-seconds before the time limit) and continues "
+                    "with train.resume=latest.")
     sb.add_argument("config", type=Path, help="YAML run config, e.g. configs/demo.yaml")
     sb.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 deepspeed.zero_stage=2")
     sb.add_argument("--nodes", type=int, default=1, help="nodes")

@@ -2,12 +2,16 @@
 
 `contrastive slurm submit CONFIG --nodes N --gpus-per-node G [key=value ...]` resolves the run config (file and
 overrides, strictly, as `contrastive train` would), checks what it asks for against the cluster (partition,
-nodes, GPUs and CPUs per node) and against the config (global batch divisible by the ranks), then writes the
-resolved config and the code version into RUN_DIR/slurm/, renders slurm/train.sbatch and submits it. Every
-mistake a user can make is reported in one line before anything is written or queued.
+nodes, GPUs and CPUs per node), against the config (global batch divisible by the ranks) and what the run will
+read (model name, shards, evaluator data: contrastive.preflight, as `train` does), then writes the resolved
+config into RUN_DIR/slurm/ and a copy of the code into RUN_DIR/code/, renders slurm/train.sbatch and submits
+it. Every mistake a user can make is reported in one line before anything is written or queued. Every value
+rendered into the job script is quoted (shlex): a run directory is data, never shell code.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -20,15 +24,32 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from contrastive.errors import UserError
-from contrastive.preemption import EXIT_PREEMPTED  # light: submitting imports no torch
+from contrastive.preemption import EXIT_PREEMPTED  # light: importing this module imports no torch
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 LAUNCHERS = ("srun", "torchrun")
 _SUBMISSIONS = "submissions.jsonl"
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-# Characters that break an #SBATCH line or that Slurm would read as a filename pattern (%j, ...).
-_UNSAFE_PATH_RE = re.compile(r"[\s%'\"\\$`]")
+# What quoting cannot carry through an #SBATCH line: '%' (Slurm reads it as a filename pattern, %j ...), a
+# backslash (sbatch's own parser takes it as an escape even inside quotes), control characters (a newline ends
+# the line); and sbatch blanks out the words packjob/hetjob anywhere in an #SBATCH line.
+_UNSAFE_PATH_RE = re.compile(r"[%\\\x00-\x1f\x7f]|packjob|hetjob", re.I)
+_JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+# What `slurm submit` copies into RUN_DIR/code/<digest>/ for the job to run (configs/models: our model configs,
+# which contrastive.models finds beside the package).
+CODE_PARTS = ("contrastive", "eval", "data_prep", "configs/models")
+# The job's entry point, written into the recorded copy: run as a script, it has the copy first on sys.path.
+CODE_MAIN = "run_contrastive.py"
+_CODE_MAIN_PY = '''"""`contrastive` from this recorded copy of the code: Python put this file's folder first on sys.path."""
+import os
+import sys
+
+sys.path.insert(1, os.getcwd())  # after the copy: plug-ins of the job's working directory, as `python -m` has it
+from contrastive.cli import main  # noqa: E402
+
+sys.exit(main())
+'''
 
 
 @dataclass
@@ -182,9 +203,16 @@ def time_limit_seconds(text: str) -> int:
 
 
 def _check_path(path: Path, what: str) -> None:
-    if _UNSAFE_PATH_RE.search(str(path)):
-        raise UserError(f"{what} {path} contains a space, quote, '$' or '%', which #SBATCH lines and Slurm's "
-                        f"log file patterns cannot carry; pick a plainer path")
+    bad = _UNSAFE_PATH_RE.search(str(path))
+    if bad:
+        raise UserError(f"{what} {str(path)!r} contains {bad.group(0)!r}, which an #SBATCH line or Slurm's log file "
+                        f"pattern cannot carry (a '%', a backslash, a control character, 'packjob' or 'hetjob'); "
+                        f"pick another path")
+
+
+def default_job_name(run_dir: Path) -> str:
+    """contrastive-<run directory name>, with anything but letters, digits and . _ + - made '_'."""
+    return "contrastive-" + re.sub(r"[^A-Za-z0-9._+-]", "_", run_dir.name)[:100]
 
 
 def _check_request(req: JobRequest) -> None:
@@ -212,6 +240,14 @@ def _check_request(req: JobRequest) -> None:
     for arg in req.sbatch_args:
         if not arg.startswith("-") or "\n" in arg:
             raise UserError(f"--sbatch-arg {arg!r} must be one sbatch option, e.g. --sbatch-arg=--exclusive")
+    if req.job_name and not _JOB_NAME_RE.match(req.job_name):
+        raise UserError(f"--job-name {req.job_name!r} must be 1-128 letters, digits, '.', '_', '+' or '-', starting "
+                        f"with a letter or digit")
+    for flag, value in (("--partition", req.partition), ("--account", req.account), ("--qos", req.qos),
+                        *(("--sbatch-arg", arg) for arg in req.sbatch_args)):
+        if "\\" in value or re.search(r"[\x00-\x1f\x7f]", value):
+            raise UserError(f"{flag} {value!r} contains a backslash or a control character, which an #SBATCH line "
+                            f"cannot carry")
 
 
 def _check_against_cluster(plan: Plan, cluster: Cluster) -> None:
@@ -266,6 +302,19 @@ def _check_run_dir_free(run_dir: Path) -> None:
                         f"wait for it, `scancel {job_id}`, or pick another --out")
 
 
+@contextlib.contextmanager
+def _working_dir(path: Path):
+    before = os.getcwd()
+    try:
+        os.chdir(path)
+    except OSError as e:
+        raise UserError(f"working directory {path}: {e.strerror}") from None
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def plan_job(req: JobRequest, *, cluster: Cluster | None) -> Plan:
     """Check `req` (config, numbers, and the cluster when given); raises UserError on the first problem."""
     from contrastive.config import load_config, to_dict
@@ -293,6 +342,11 @@ def plan_job(req: JobRequest, *, cluster: Cluster | None) -> Plan:
                 partition=req.partition, resume=cfg.train.resume or "latest")
     if cluster is not None:
         _check_against_cluster(plan, cluster)
+    # What the run will read, checked here rather than after the queue wait; the job starts in req.workdir.
+    from contrastive.preflight import check_run_inputs
+
+    with _working_dir(req.workdir):
+        check_run_inputs(cfg)
     if (run_dir / "checkpoints" / "latest").is_file():
         plan.notes.append(f"{run_dir} has a checkpoint; the job continues from it")
     plan.notes.append(f"{req.nodes} node(s) x {procs} process(es) = {ranks} ranks, "
@@ -311,9 +365,11 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return re.sub(r"{{(\w+)}}", lambda m: values[m.group(1)], template)
 
 
-def render(plan: Plan, *, config_file: Path, commit: str = "unknown") -> str:
-    """The job script for `plan`, reading the resolved config from `config_file`; `commit` is the code version
-    at submission (each run logs a note when the code it runs differs)."""
+def render(plan: Plan, *, config_file: Path, code_dir: Path, commit: str = "unknown") -> str:
+    """The job script for `plan`, reading the resolved config from `config_file` and running the code recorded
+    in `code_dir` (record_code); `commit` is the git commit the code was recorded at, for the logs. Every
+    value is shell-quoted; sbatch's parser of #SBATCH lines takes the same quoting (plan_job refused what it
+    cannot carry)."""
     req = plan.request
     q = shlex.quote
     lines = []
@@ -322,43 +378,94 @@ def render(plan: Plan, *, config_file: Path, commit: str = "unknown") -> str:
     for flag, value in (("partition", plan.partition), ("time", req.time), ("account", req.account),
                         ("qos", req.qos)):
         if value:
-            lines.append(f"#SBATCH --{flag}={value}")
-    lines += [f"#SBATCH {arg}" for arg in req.sbatch_args]
+            lines.append(f"#SBATCH --{flag}={q(value)}")
+    lines += [f"#SBATCH {q(arg)}" for arg in req.sbatch_args]
     env_lines = [f"export {item.split('=', 1)[0]}={q(item.split('=', 1)[1])}" for item in req.env]
     values = {
-        "job_name": req.job_name or f"contrastive-{plan.run_dir.name}",
+        "job_name": q(req.job_name or default_job_name(plan.run_dir)),
         "nodes": str(req.nodes),
         "ntasks_per_node": str(plan.ntasks_per_node),
         "cpus_per_task": str(plan.cpus_per_task),
         "sbatch_lines": "\n".join(lines),
-        "workdir": str(req.workdir),
-        "run_dir": str(plan.run_dir),
+        "workdir": q(str(req.workdir)),
+        "output": q(f"{plan.run_dir}/logs/slurm-%j.out"),
+        "run_dir": q(str(plan.run_dir)),
         "signal_s": str(req.signal_s),
         "config": q(str(config_file)),
         "python": q(req.python),
-        "launcher": req.launcher,
+        "launcher": q(req.launcher),
         "procs_per_node": str(plan.procs_per_node),
         "resume": q(plan.resume),
         "exit_preempted": str(EXIT_PREEMPTED),
         "max_restarts": str(req.max_restarts),
         "env_lines": "\n".join(env_lines),
-        "repo": str(REPO),
-        "submit_commit": commit,
+        "code_dir": q(str(code_dir)),
+        "code_main": CODE_MAIN,
+        "submit_commit": q(commit),
     }
     return _fill(TEMPLATE.read_text(), values)
 
 
 # ---------------------------------------------------------------- code version and submission
 
-def code_version(repo: Path = REPO) -> dict:
-    """The git commit of the code a job runs, whether the tree differs from it, and that difference."""
-    if not shutil.which("git"):
+def code_version(repo: Path) -> dict:
+    """The git commit of the code in `repo`, whether the tree differs from it, and that difference."""
+    if not shutil.which("git") or not (repo / ".git").exists():  # an installed package, not a checkout
         return {"commit": "unknown", "dirty": None, "diff": ""}
     head = _run(["git", "-C", str(repo), "rev-parse", "HEAD"])
     if head.returncode != 0:
         return {"commit": "unknown", "dirty": None, "diff": ""}
     diff = _run(["git", "-C", str(repo), "diff", "HEAD", "--", "."]).stdout
     return {"commit": head.stdout.strip(), "dirty": bool(diff.strip()), "diff": diff}
+
+
+def code_files(repo: Path) -> dict[str, Path]:
+    """The files a job needs of the code in `repo` (CODE_PARTS), by their path relative to `repo`."""
+    files = {}
+    for part in CODE_PARTS:
+        root = repo / part
+        for path in sorted(root.rglob("*")) if root.is_dir() else []:
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                files[path.relative_to(repo).as_posix()] = path
+    assert "contrastive/__init__.py" in files, f"no contrastive package in {repo}"
+    return files
+
+
+def code_digest(files: dict[str, Path]) -> str:
+    """A digest of the files' paths and contents: one recorded copy per distinct code, whatever its commit."""
+    digest = hashlib.sha256()
+    for rel, path in sorted(files.items()):
+        data = path.read_bytes()
+        digest.update(f"{rel}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+def record_code(code_dir: Path, *, files: dict[str, Path], version: dict, source: Path) -> None:
+    """Copy `files` into `code_dir` (RUN_DIR/code/<digest>) with the job's entry point (CODE_MAIN), VERSION.json
+    (commit, dirty) and code.diff (the uncommitted changes, if any). The job script runs that entry point, so a
+    requeue runs the code that was submitted, not whatever is checked out by then. A copy already there is the
+    same code (its name is the digest) and is kept: a job that still runs from it is not disturbed."""
+    if (code_dir / "VERSION.json").is_file():
+        return
+    incoming = code_dir.parent / f".incoming-{code_dir.name}-{os.getpid()}"
+    shutil.rmtree(incoming, ignore_errors=True)
+    incoming.mkdir(parents=True)
+    for rel, src in files.items():
+        (incoming / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, incoming / rel)
+    (incoming / CODE_MAIN).write_text(_CODE_MAIN_PY)
+    if version["diff"]:
+        (incoming / "code.diff").write_text(version["diff"])
+    record = {"commit": version["commit"], "dirty": version["dirty"], "source": str(source), "files": len(files),
+              "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (incoming / "VERSION.json").write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        incoming.rename(code_dir)
+    except OSError:  # a concurrent submission recorded the same code first
+        shutil.rmtree(incoming, ignore_errors=True)
+        if not (code_dir / "VERSION.json").is_file():
+            raise
 
 
 def _sbatch(args: list[str], *, script: str) -> str:
@@ -395,8 +502,10 @@ def submit(req: JobRequest, *, dry_run: bool = False) -> Submission:
         plan.notes.append(unreachable)
     slurm_dir = plan.run_dir / "slurm"
     config_file = slurm_dir / "config.yaml"
-    version = code_version()
-    script = render(plan, config_file=config_file, commit=version["commit"])
+    files = code_files(REPO)
+    code_dir = plan.run_dir / "code" / code_digest(files)
+    version = code_version(REPO)
+    script = render(plan, config_file=config_file, code_dir=code_dir, commit=version["commit"])
     sub = Submission(script=script, plan=plan, cluster_checked=cluster is not None)
     if cluster is not None:
         _check_run_dir_free(plan.run_dir)
@@ -410,11 +519,10 @@ def submit(req: JobRequest, *, dry_run: bool = False) -> Submission:
     (plan.run_dir / "logs").mkdir(exist_ok=True)
     config_file.write_text(plan.config_yaml)
     (slurm_dir / "job.sbatch").write_text(script)
-    if version["dirty"]:
-        (slurm_dir / "code.diff").write_text(version["diff"])
+    record_code(code_dir, files=files, version=version, source=REPO)
     sub.job_id = _sbatch(["--parsable"], script=script).split(";")[0]
     record = {"job_id": sub.job_id, "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "commit": version["commit"], "dirty": version["dirty"], "nodes": req.nodes,
+              "commit": version["commit"], "dirty": version["dirty"], "code": str(code_dir), "nodes": req.nodes,
               "procs_per_node": plan.procs_per_node, "launcher": req.launcher, "partition": plan.partition,
               "config": str(req.config), "overrides": req.overrides, "argv": sys.argv}
     with (slurm_dir / _SUBMISSIONS).open("a") as f:

@@ -22,11 +22,12 @@ from contrastive.config import Config, resolve_auto, save_config, to_dict
 from contrastive.data import TrainLoader
 from contrastive.distributed import host_all_gather, host_broadcast_object
 from contrastive.errors import UserError
-from contrastive.evaluators import build_evaluators, run_evaluators
+from contrastive.evaluators import run_evaluators
 from contrastive.losses import build_loss, caption_keys, class_keys, mean_over_captions
 from contrastive.metrics import MetricsLogger
 from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
 from contrastive.models import build_model
+from contrastive.preflight import check_run_inputs
 from contrastive.run_dir import refuse_reused_run_dir
 from contrastive.step_plan import (StepPlan, StepTimer, fit_steps, lr_lambda,  # noqa: F401 (lr_lambda re-exported)
                                    reserve_s, worth_refitting)
@@ -219,12 +220,10 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     from tqdm import tqdm
 
     from contrastive.engine import build_engine, clamp_logit_scale_, device_for, freeze, init_distributed
-    from contrastive.sharding import expand_sources
 
     # Mistakes in paths and settings fail here, in one line, before any process group or model exists.
-    expand_sources(cfg.data.train)
+    evaluators = check_run_inputs(cfg)
     cfg = resolve_auto(cfg, cuda=torch.cuda.is_available())
-    evaluators = build_evaluators(cfg.eval)
     refuse_reused_run_dir(run_dir, resume=cfg.train.resume)
     resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
     world = init_distributed(timeout_s=cfg.train.dist_timeout_s)

@@ -1,5 +1,6 @@
 """On a real Slurm cluster (slurm/local-cluster.sh: slurmctld + two slurmd nodes on this machine): a 2-node
-ZeRO-2 training job, a preempted job that requeues and resumes, and requests refused before queueing.
+ZeRO-2 training job, a preempted job (in a run directory with spaces, parentheses and shell characters) that
+requeues and resumes, and requests refused before queueing.
 
 Skipped unless `slurm/local-cluster.sh status` says the cluster is up (`.ci/run` brings it up)."""
 from __future__ import annotations
@@ -163,7 +164,8 @@ def test_torchrun_launcher_runs_one_torchrun_per_node(finished_runs):
 
 def test_preempted_job_requeues_and_resumes_with_every_step_logged_once(cluster_env, synthetic_data, finished_run,
                                                                         tmp_path):
-    run_dir = tmp_path / "run"
+    # sbatch reads the quoted #SBATCH lines (--output, --chdir) and bash the quoted script as they are meant.
+    run_dir = tmp_path / "my run (requeued); it's #1"
     job_id = _submitted_job_id(_submit(cluster_env, run_dir, ["--nodes", "2", "--gpus-per-node", "0",
                                                               *_training_overrides(synthetic_data, STEPS)]))
     # Midway, the USR1 that Slurm sends --signal-seconds before the time limit (B: = the batch shell).
@@ -185,6 +187,10 @@ def test_preempted_job_requeues_and_resumes_with_every_step_logged_once(cluster_
     assert f"finished at step {STEPS}" in second
     batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
     assert "requeueing to continue from the last checkpoint" in batch_log and "run 1: training finished" in batch_log
+    # Both runs ran the code recorded at submission, not the checkout the job was submitted from.
+    runs = (run_dir / "slurm" / "runs.log").read_text().splitlines()
+    code_dir = json.loads((run_dir / "slurm" / "submissions.jsonl").read_text())["code"]
+    assert len(runs) == 2 and all(f"code={code_dir} " in line for line in runs), runs
     # Every step logged exactly once, and the resumed run continued the uninterrupted run's trajectory.
     records = _metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
