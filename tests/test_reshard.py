@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections import Counter
 
 import pytest
 
 from contrastive.errors import UserError
 from tests.test_data import _loader, _make_set, _take
+from tests.test_deepspeed import _env, _losses, _run, _train_cmd
 
 
 # ---------------------------------------------------------------- the data stream across a change of slots
@@ -99,3 +101,86 @@ def test_resampled_mode_starts_past_every_old_block(tmp_path):
     new.load_resharded([loader.state_dict() for loader in old])
     furthest = max(s["block"] for loader in old for s in loader.state_dict()["slots"])
     assert [s.block for s in new.slots] == [furthest + 1]
+
+
+# ---------------------------------------------------------------- checks every rank agrees on
+
+def _launch_rank(rank: int, port: int, run, overrides: list[str]):
+    """One rank as srun starts it: its own process, ranks from the environment, no agent to end the others."""
+    import subprocess
+
+    env = _env()
+    env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return subprocess.Popen(_train_cmd(run, 1, overrides), cwd=run.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, synthetic_data) -> dict:
+    """A 2-rank ZeRO-1 run of 3 steps with its checkpoint, shared by the tests below (copy before changing)."""
+    run = tmp_path_factory.mktemp("reshard") / "two_ranks"
+    overrides = [f"data.train={synthetic_data['train']}", "model.name=tiny-vit-32", "train.batch_size=32",
+                 "data.num_workers=0", "data.shuffle_buffer=64", "optim.warmup_steps=2", "eval.evaluators=[]",
+                 "train.log_every=1", "optim.lr=2e-3", "train.checkpoint_every=3"]
+    _run(run, 2, overrides + ["train.steps=3", "deepspeed.zero_stage=1"])
+    return {"run": run, "overrides": overrides}
+
+
+def _copy_run(two_rank_run, dest):
+    shutil.copytree(two_rank_run["run"], dest)
+    return dest
+
+
+def test_a_rank_file_missing_fails_on_every_rank_before_any_load(tmp_path, two_rank_run):
+    """Rank 1's file is gone: before, rank 1 stopped while rank 0 entered DeepSpeed's collective load and waited
+    there until the group's timeout. Now both ranks stop at once with the same line."""
+    from tests.dist import free_port
+
+    run = _copy_run(two_rank_run, tmp_path / "run")
+    (run / "checkpoints" / "step_00000003" / "rank_00001.json").unlink()
+    port = free_port()
+    overrides = two_rank_run["overrides"] + ["train.steps=6", "deepspeed.zero_stage=1", "train.resume=latest",
+                                             "train.dist_timeout_s=60"]
+    procs = [_launch_rank(rank, port, run, overrides) for rank in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=50)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a rank hung: the ranks did not agree before the collective load")
+    lines = [[line for line in out.splitlines() if "error:" in line] for out in outs]
+    for proc, found, out in zip(procs, lines, outs):
+        assert proc.returncode == 2, out[-2000:]
+        assert found == [f"contrastive train: error: cannot resume: checkpoint {run / 'checkpoints' / 'step_00000003'} "
+                         f"is incomplete: rank 0 finds no rank_00001.json (and 1 other rank(s)); resume from an "
+                         f"earlier checkpoint with train.resume=PATH"], out[-2000:]
+
+
+def _agree_body(rank: int, world_size: int, path: str):
+    from pathlib import Path
+
+    from contrastive.distributed import WorldInfo
+    from contrastive.resume import agree_on_resume
+
+    out = []
+    for elsewhere_on_rank in (None, 1):  # every rank the same checkpoint; rank 1 another one
+        try:
+            plan = agree_on_resume(Path(path + ("-elsewhere" if rank == elsewhere_on_rank else "")),
+                                   world=WorldInfo(rank, world_size), zero_stage=2, precision="fp32")
+            out.append({"reshard": plan.reshard, "saved": str(plan.saved)})
+        except UserError as e:
+            out.append({"error": str(e)})
+    return out
+
+
+def test_ranks_compare_the_saved_layout_and_refuse_together_when_they_resolve_different_checkpoints(two_rank_run):
+    from tests.dist import run_ranks
+
+    ckpt = str(two_rank_run["run"] / "checkpoints" / "step_00000003")
+    (same, differ), other_rank = run_ranks(_agree_body, world_size=2, args=(ckpt,), timeout_s=30)
+    # World size and ZeRO stage are compared now: 2 ranks at stage 2 reshard a stage-1 checkpoint.
+    assert same == {"reshard": True, "saved": "2 rank(s), ZeRO stage 1, fp32"}
+    assert "resolved train.resume to different checkpoints" in differ["error"]
+    assert other_rank == [same, differ]
