@@ -265,8 +265,19 @@ def optimizer_names(engine) -> list[list[str]]:
     """The parameter names of each optimizer group, in order (the groups build_engine gave the optimizer)."""
     from contrastive.models import param_groups
 
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in param_groups(engine.module, 0.0) if g["params"]]
+    class FullShapes:
+        """The module's parameters in their full shapes (ZeRO-3 leaves a rank empty partitions), for param_groups."""
+
+        def __init__(self):
+            self.params = [(name, torch.empty(getattr(p, "ds_shape", p.shape), device="meta").requires_grad_(
+                p.requires_grad)) for name, p in engine.module.named_parameters()]
+
+        def named_parameters(self):
+            return iter(self.params)
+
+    shapes = FullShapes()
+    names = {id(p): n for n, p in shapes.params}
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(shapes, 0.0) if g["params"]]
 
 
 def _step_tensor(step: int, like: torch.Tensor, optimizer) -> torch.Tensor:
@@ -289,8 +300,10 @@ def apply_full_state(engine, scheduler, state: FullState) -> None:
     with torch.no_grad():
         if stage == 3:
             _apply_zero3(engine, state)
-            for name, buffer in module.named_buffers():  # not partitioned
-                buffer.copy_(state.weights[name])
+            params = dict(module.named_parameters())
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                if name not in params:  # a saved buffer: not partitioned
+                    tensor.data.copy_(state.weights[name])
         else:
             for name, tensor in module.state_dict(keep_vars=True).items():
                 tensor.data.copy_(state.weights[name])  # the module's copy (bf16: the fp32 value rounded)

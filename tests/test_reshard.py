@@ -4,11 +4,13 @@ DeepSpeed's gathers, the group's gloo side for the verdicts), which bench/gpu_ch
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from collections import Counter
 
 import pytest
+import torch
 
 from contrastive.errors import UserError
 from tests.test_data import _loader, _make_set, _take
@@ -184,3 +186,112 @@ def test_ranks_compare_the_saved_layout_and_refuse_together_when_they_resolve_di
     assert same == {"reshard": True, "saved": "2 rank(s), ZeRO stage 1, fp32"}
     assert "resolved train.resume to different checkpoints" in differ["error"]
     assert other_rank == [same, differ]
+
+
+# ---------------------------------------------------------------- model and optimizer state across layouts
+
+LAYOUTS = [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "fp32")]  # stage 0 bf16 runs as 1: deepspeed_config
+
+
+def _live_state(engine) -> tuple[dict, dict, int]:
+    """An engine's fp32 weights, Adam moments and step as DeepSpeed's own API gathers them (a collective under
+    ZeRO; every rank calls it): the reference the files are read against."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    weights, moments = {}, {}
+    plain = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        # DeepSpeed 0.19.8's ZeRO 1/2 links each parameter to its moments after the first group's first step,
+        # before the later groups have any: link again now that all have them.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for name, p in engine.module.named_parameters():
+        if plain:
+            weights[name] = p.detach().float().clone()
+            moments[name] = {k: engine.optimizer.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+        else:
+            weights[name] = safe_get_full_fp32_param(p).clone()
+            moments[name] = {k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+    state = engine.optimizer.state if plain else engine.optimizer.optimizer.state
+    return weights, moments, {int(s["step"]) for s in state.values()}.pop()
+
+
+def _trained_engine(stage: int, precision: str, *, steps: int, world_size: int, rank: int):
+    from contrastive.losses import build_loss
+    from contrastive.train import train_step
+    from tests.test_deepspeed import _batch, _engine
+
+    cfg, bundle, engine = _engine([f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
+                                   "train.batch_size=8", "optim.weight_decay=0.1"])
+    for step in range(steps):
+        images, texts = _batch(bundle, 8 // world_size, seed=100 * step + rank)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        train_step(engine, (images.to(dtype), texts), loss_fn=build_loss(cfg.loss))
+    return engine
+
+
+def _save_and_gather_body(rank: int, world_size: int, out: str):
+    live = {}
+    for stage, precision in LAYOUTS:
+        engine = _trained_engine(stage, precision, steps=2, world_size=world_size, rank=rank)
+        engine.save_checkpoint(out, tag=f"{stage}-{precision}", save_latest=False)
+        live[(stage, precision)] = _live_state(engine)
+    return live if rank == 0 else None
+
+
+def _assert_same_state(got, weights: dict, moments: dict, step: int, what: str):
+    got_weights, got_moments, got_step = got
+    assert got_step == step, what
+    assert set(got_weights) == set(weights), what
+    for name in weights:
+        assert torch.equal(got_weights[name], weights[name]), (what, name)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got_moments[name][key], moments[name][key]), (what, name, key)
+
+
+def test_state_read_from_the_files_of_every_layout_equals_deepspeeds_and_goes_into_every_other(tmp_path):
+    """Read: the FullState of 2-rank checkpoints (ZeRO 0-3, fp32 and bf16) equals what DeepSpeed's live gather
+    gives at save time, exactly. Write: that state put into a 1-rank engine of each other layout reads back
+    exactly (the new engine's own gather), so resuming there continues from the very same state."""
+    from pathlib import Path
+
+    from contrastive.resume import Layout, apply_full_state, optimizer_names, read_full_state
+    from tests.dist import run_ranks
+
+    live = run_ranks(_save_and_gather_body, world_size=2, args=(str(tmp_path),), timeout_s=300)[0]
+    for (stage, precision), (weights, moments, step) in live.items():
+        target_stage, target_precision = {0: (2, "fp32"), 1: (0, "fp32"), 2: (3, "fp32"), 3: (1, "bf16")}[stage]
+        target = _trained_engine(target_stage, target_precision, steps=0, world_size=1, rank=0)
+        full = read_full_state(Path(tmp_path) / f"{stage}-{precision}", layout=Layout(2, max(stage, precision == "bf16"),
+                                                                                    precision),
+                               optimizer_names=optimizer_names(target))
+        _assert_same_state((full.weights, full.moments, full.optimizer_step), weights, moments, step,
+                           f"read {stage}-{precision}")
+        apply_full_state(target, target.lr_scheduler, full)
+        _assert_same_state(_live_state(target), weights, moments, step,
+                           f"{stage}-{precision} written at {target_stage}-{target_precision}")
+
+
+def test_a_two_rank_run_continues_on_one_rank_then_on_two_at_other_zero_stages(tmp_path, two_rank_run):
+    """2 ranks at ZeRO 1 -> 1 rank at ZeRO 0 and, from the same checkpoint, 1 rank at ZeRO 2: the two resumed
+    runs start from the same consolidated state through different engines and read the same data, so their
+    losses agree to float tolerance. Then 1 rank -> 2 ranks at ZeRO 3 finishes the run."""
+    from contrastive.config import load_config
+    from contrastive.train import train
+
+    overrides = two_rank_run["overrides"] + ["train.steps=6", "train.resume=latest"]
+    losses, lrs = {}, {}
+    for stage in (0, 2):
+        run = _copy_run(two_rank_run, tmp_path / f"zero{stage}")
+        train(load_config(None, overrides + [f"deepspeed.zero_stage={stage}"]), run, progress=False)
+        losses[stage] = _losses(run)
+        lrs[stage] = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert list(losses[stage]) == [1, 2, 3, 4, 5, 6]
+    assert lrs[0] == pytest.approx(lrs[2], rel=1e-12)
+    for step in (4, 5, 6):
+        assert losses[0][step] == pytest.approx(losses[2][step], rel=1e-5), step
+    run = tmp_path / "zero0"
+    _run(run, 2, overrides[:-2] + ["train.steps=8", "train.resume=latest", "deepspeed.zero_stage=3"])
+    again = _losses(run)
+    assert list(again) == list(range(1, 9)) and all(math.isfinite(v) for v in again.values())
+    assert {s: again[s] for s in range(1, 7)} == losses[0]
