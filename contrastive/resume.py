@@ -23,9 +23,12 @@ Not resharded: the per-rank random state (rank r takes the old rank r's where th
 seed; dropout draws differ from an unresharded run anyway), and the data position, which the loader carries
 over from the global sample position (data.TrainLoader.load_resharded, sharding.remaining_samples).
 
-Tests: tests/test_reshard.py on gloo ranks (CPU). What NCCL changes is only the transport of the collectives
-here (one host all-gather of verdicts over gloo, DeepSpeed's own gathers of fp32 values), which
-bench/gpu_check.py's resume run exercises on a GPU.
+Tests: tests/test_reshard.py on gloo ranks (CPU): the agreement, the FullState of every layout against
+DeepSpeed's live gather, writing it into other layouts, losses across 2 -> 1 -> 2 ranks. On GPUs two things
+differ. The verdicts' all-gather is a host collective on the group's gloo side (process_group_backend); it runs
+in every resumed run, so bench/gpu_check.py's `resume` rows run it on a CUDA world. Writing a FullState copies
+host tensors into device partitions (copy_, .to(device), torch's optimizer load_state_dict; the fused AdamW's
+step on the device: _step_tensor): correct by construction, but no GPU check reshards yet.
 """
 from __future__ import annotations
 
@@ -128,8 +131,9 @@ def agree_on_resume(path: Path | None, *, world: WorldInfo, zero_stage: int, pre
     verdicts = host_all_gather_object((str(path) if path else None, *verdict))
     paths = {p for p, _, _ in verdicts}
     if len(paths) > 1:  # `latest` was read at different moments, or the run directory differs between nodes
-        raise UserError(f"ranks resolved train.resume to different checkpoints ({', '.join(map(str, sorted(paths, key=str)))}):"
-                        f" give train.resume a checkpoint path, or check that every node sees the same run directory")
+        named = ", ".join(sorted(str(p) for p in paths))
+        raise UserError(f"ranks resolved train.resume to different checkpoints ({named}): give train.resume a "
+                        f"checkpoint path, or check that every node sees the same run directory")
     if path is None:
         return None
     failed = [(r, reason) for r, (_, reason, _) in enumerate(verdicts) if reason]
@@ -185,7 +189,8 @@ def read_full_state(ckpt: Path, *, layout: Layout, optimizer_names: list[list[st
     from contrastive.engine import safe_torch_load
 
     weights = checkpoint.load_full_state_dict(ckpt)
-    model_file = ckpt / (checkpoint.DS_MODEL_FILE if layout.zero_stage < 3 else "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    model_file = ckpt / (checkpoint.DS_MODEL_FILE if layout.zero_stage < 3
+                         else "zero_pp_rank_0_mp_rank_00_model_states.pt")
     model_states = safe_torch_load(model_file)
     optim_files = sorted(ckpt.glob("*zero_pp_rank_*_optim_states.pt"), key=_rank_of)
     if layout.zero_stage == 0:
@@ -294,8 +299,8 @@ def apply_full_state(engine, scheduler, state: FullState) -> None:
     trained = {n for group in optimizer_names(engine) for n in group}
     missing = sorted((trained - set(state.moments)) | (set(dict(module.named_parameters())) - set(state.weights)))
     if missing or any(set(state.moments[n]) != set(MOMENT_KEYS) for n in trained if n in state.moments):
-        raise UserError(f"the checkpoint holds no Adam state for {missing[:3] or 'some parameters'} (trained in this run):"
-                        f" resume with the optim.freeze it was saved with")
+        raise UserError(f"the checkpoint holds no Adam state for {missing[:3] or 'some parameters'} (trained in "
+                        f"this run): resume with the optim.freeze it was saved with")
     stage = engine.zero_optimization_stage()
     with torch.no_grad():
         if stage == 3:
@@ -380,12 +385,13 @@ def _apply_zero3(engine, state: FullState) -> None:
                 offset += piece.numel()
             if key == "fp32":
                 fp32_param.data.copy_(flat)
-                zero.optimizer.state[fp32_param]["step"] = _step_tensor(state.optimizer_step, fp32_param, zero.optimizer)
+                zero.optimizer.state[fp32_param]["step"] = _step_tensor(state.optimizer_step, fp32_param,
+                                                                        zero.optimizer)
             else:
                 zero.optimizer.state[fp32_param][key] = flat
         zero.fp16_partitioned_groups_flat[i].data.copy_(fp32_param.data)
-        for partitioned, value in zip(zero.fp16_partitioned_groups[i],
-                                      zero.unflatten(zero.fp16_partitioned_groups_flat[i], zero.fp16_partitioned_groups[i])):
+        partitions = zero.fp16_partitioned_groups[i]
+        for partitioned, value in zip(partitions, zero.unflatten(zero.fp16_partitioned_groups_flat[i], partitions)):
             partitioned.data = value.data
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:  # not in the optimizer: its own partition

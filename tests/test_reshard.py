@@ -1,6 +1,5 @@
 """Resuming on another number of ranks, ZeRO stage or precision (contrastive/resume.py), and resume checks that
-every rank agrees on. Gloo ranks on the CPU; on GPUs only the transport of the same collectives differs (NCCL for
-DeepSpeed's gathers, the group's gloo side for the verdicts), which bench/gpu_check.py's resume run covers."""
+every rank agrees on. Gloo ranks on the CPU; what differs on GPUs and which check covers it: contrastive/resume.py."""
 from __future__ import annotations
 
 import json
@@ -262,8 +261,8 @@ def test_state_read_from_the_files_of_every_layout_equals_deepspeeds_and_goes_in
     for (stage, precision), (weights, moments, step) in live.items():
         target_stage, target_precision = {0: (2, "fp32"), 1: (0, "fp32"), 2: (3, "fp32"), 3: (1, "bf16")}[stage]
         target = _trained_engine(target_stage, target_precision, steps=0, world_size=1, rank=0)
-        full = read_full_state(Path(tmp_path) / f"{stage}-{precision}", layout=Layout(2, max(stage, precision == "bf16"),
-                                                                                    precision),
+        saved = Layout(2, max(stage, int(precision == "bf16")), precision)
+        full = read_full_state(Path(tmp_path) / f"{stage}-{precision}", layout=saved,
                                optimizer_names=optimizer_names(target))
         _assert_same_state((full.weights, full.moments, full.optimizer_step), weights, moments, step,
                            f"read {stage}-{precision}")
