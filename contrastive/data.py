@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -38,7 +38,8 @@ from contrastive.device_decode import JpegBatch, JpegBatchBuilder, JpegCrop, Jpe
 from contrastive.distributed import WorldInfo, host_broadcast_object, rank_and_world_size
 from contrastive.errors import UserError
 from contrastive.shard_reader import read_block, read_shard, shard_indexes
-from contrastive.sharding import Plan, class_caption_sets, expand_sources, make_seed, shard_sizes
+from contrastive.sharding import (Plan, class_caption_sets, expand_sources, make_seed, remaining_samples,
+                                  shard_sizes)
 from contrastive.transforms import DecodeThen, FastTransform, decode_image, fast_preprocess, to_rgb
 
 __all__ = ["TrainLoader", "SKIP_REASONS", "eval_samples", "expand_sources", "make_seed", "read_shard",
@@ -130,7 +131,7 @@ class _SlotStream(IterableDataset):
         plan = self.spec.plan
         offset = state.offset
         for epoch, block, ranges, next_block in self._blocks(worker, state):
-            rng = random.Random(make_seed(plan.seed, epoch, plan.rank, worker, block, 0x5F))
+            rng = plan.block_rng(epoch, worker, block)
             # Resampled mode indexes no shard at start-up (it reads whole shards): a resume indexes the few it
             # skips into.
             outputs = read_block(ranges, urls=plan.urls, index_of=plan.shard_index, index_missing=plan.resampled,
@@ -445,26 +446,65 @@ class TrainLoader:
         return digest.hexdigest()[:16]
 
     def state_dict(self) -> dict:
+        epoch = min(s.epoch for s in self.slots)
         return {"version": 2, "resampled": self.plan.resampled, "num_workers": self.num_workers,
                 "world_size": self.world.world_size, "rank": self.world.rank, "seed": self.seed,
                 "data": self._fingerprint(), "num_batches": self.num_batches,
                 "slots": [s.as_dict() for s in self.slots],
-                "num_undecodable_on_device": self.num_undecodable_on_device}
+                "num_undecodable_on_device": self.num_undecodable_on_device,
+                "block_samples": self.plan.block_samples, "shuffle_buffer": self.plan.shuffle_buffer,
+                "remaining": {str(e): ranges for e, ranges in self.plan.remaining.items() if e >= epoch}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_resumable(self, state: dict, keys: tuple[str, ...]) -> None:
         if state.get("version") != 2:
             raise UserError("the checkpoint's data position comes from an older loader and cannot be resumed exactly")
-        for key, mine in (("resampled", self.plan.resampled), ("num_workers", self.num_workers),
-                          ("world_size", self.world.world_size), ("rank", self.world.rank), ("seed", self.seed)):
-            if state[key] != mine:
+        mine = {"resampled": self.plan.resampled, "num_workers": self.num_workers, "world_size": self.world.world_size,
+                "rank": self.world.rank, "seed": self.seed}
+        for key in keys:
+            if state[key] != mine[key]:
                 raise UserError(f"cannot resume the data stream exactly: the checkpoint has {key}={state[key]}, "
-                                f"this run {mine}; use the same value")
+                                f"this run {mine[key]}; use the same value")
         if state["data"] != self._fingerprint():
             raise UserError("cannot resume the data stream exactly: data.train names other shards (or shards of "
                             "other sizes) than the checkpoint's run; train on the same shards to resume")
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_resumable(state, ("resampled", "num_workers", "world_size", "rank", "seed"))
         self.num_batches = int(state["num_batches"])
         self.num_undecodable_on_device = int(state.get("num_undecodable_on_device", 0))
         self.slots = [SlotState(s["epoch"], s["block"], s["offset"], dict(s["skipped"])) for s in state["slots"]]
+        self.plan.remaining = _remaining_from_json(state.get("remaining", {}))
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Continue from the global position of a run with another number of ranks or DataLoader workers
+        (`states`: every old rank's state_dict, in rank order). Epoch-exact mode: the samples the old slots had
+        yet to read in the epochs they were in are read first, cut over this run's slots (Plan.remaining), then
+        the next epochs as usual, so no sample is read twice or skipped. Resampled mode: every slot starts a
+        block past the furthest an old slot reached. The old ranks' skip counts go to rank 0's first slot."""
+        for state in states:
+            self._check_resumable(state, ("resampled", "seed"))
+        first = states[0]
+        positions = {(state["rank"], worker): (slot["epoch"], slot["block"], slot["offset"])
+                     for state in states for worker, slot in enumerate(state["slots"])}
+        fresh = [SlotState() for _ in self.slots]
+        if self.plan.resampled:
+            block = max(b for _, b, _ in positions.values()) + 1
+            fresh = [SlotState(0, block, 0) for _ in self.slots]
+        else:
+            old = replace(self.plan, world_size=first["world_size"], num_workers=first["num_workers"],
+                          block_samples=first.get("block_samples", self.plan.block_samples),
+                          shuffle_buffer=first.get("shuffle_buffer", self.plan.shuffle_buffer),
+                          remaining=_remaining_from_json(first.get("remaining", {})))
+            self.plan.remaining = remaining_samples(old, positions)
+            fresh = [SlotState(min(e for e, _, _ in positions.values()), 0, 0) for _ in self.slots]
+        if self.world.rank == 0:
+            for state in states:
+                for slot in state["slots"]:
+                    for reason, count in slot["skipped"].items():
+                        fresh[0].skipped[reason] = fresh[0].skipped.get(reason, 0) + count
+            self.num_undecodable_on_device = sum(int(s.get("num_undecodable_on_device", 0)) for s in states)
+        self.slots = fresh
+        self.num_batches = int(first["num_batches"])  # every rank takes one batch a step
 
     # -- iteration
 
@@ -500,6 +540,10 @@ class TrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, tokens, _ in self.batches_with_keys():
             yield images, tokens
+
+
+def _remaining_from_json(saved: dict) -> dict[int, list[tuple[int, int, int]]]:
+    return {int(e): [tuple(r) for r in ranges] for e, ranges in saved.items()}
 
 
 def eval_samples(spec: str, *, handler_counts: dict | None = None) -> Iterator[dict]:

@@ -11,6 +11,12 @@ Resampled mode. Each block draws shards with replacement. A drawn shard is read 
 shard make every sample equally likely; with data.train_weights the share of samples from source i is
 weight_i / sum(weights), each source's own samples equally likely.
 
+Resuming on another number of slots (contrastive/resume.py). The samples the old slots had not read yet of the
+epochs they were in (sharding.remaining_samples: whole blocks, and the shuffle of a part-read block replayed) become
+those epochs' lists (Plan.remaining), cut over the new slots as above; later epochs are as always. So across the
+change every sample is still read exactly once per epoch. Resampled mode has no such list: the new slots start a
+block past the furthest any old slot reached, so no draw repeats.
+
 Either way a slot's stream is a sequence of blocks: lists of (shard, first sample, end) ranges of at least
 data.block_samples samples, the unit of shuffling and of resuming. contrastive/shard_reader.py reads them.
 """
@@ -21,11 +27,11 @@ import json
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from contrastive.errors import UserError
-from contrastive.shard_reader import ShardIndex, count_samples, is_local, load_index
+from contrastive.shard_reader import ShardIndex, count_samples, is_local, load_index, shuffle_order
 
 
 CLASS_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -130,6 +136,9 @@ class Plan:
     shuffle_buffer: int
     # Per shard: its ShardIndex, the path of its index file (read when the shard is), or None: read from byte 0.
     index: list = field(default_factory=list)
+    # Epoch -> its list of samples [(shard, first, end)] where a resume on another number of slots started in it
+    # (remaining_samples); other epochs list every sample.
+    remaining: dict = field(default_factory=dict)
 
     def shard_index(self, shard: int) -> ShardIndex | None:
         entry = self.index[shard] if self.index else None
@@ -139,22 +148,30 @@ class Plan:
     def num_samples(self) -> int:
         return sum(s or 0 for s in self.sizes)
 
+    def epoch_list(self, epoch: int) -> list[tuple[int, int, int]]:
+        """Epoch `epoch`'s samples in reading order, [(shard, first, end)]: every shard whole, in an order shuffled
+        by (seed, epoch), or the remaining samples where a resume on another number of slots began the epoch."""
+        if epoch in self.remaining:
+            return self.remaining[epoch]
+        order = list(range(len(self.urls)))
+        random.Random(make_seed(self.seed, epoch, 0x5A4D)).shuffle(order)
+        return [(shard, 0, self.sizes[shard]) for shard in order if self.sizes[shard]]
+
     def epoch_ranges(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
         """Slot `slot`'s piece of epoch `epoch`: [(shard, first sample, end)] in reading order."""
         num_slots = self.world_size * max(1, self.num_workers)
-        order = list(range(len(self.urls)))
-        random.Random(make_seed(self.seed, epoch, 0x5A4D)).shuffle(order)
-        base, extra = divmod(self.num_samples, num_slots)
+        listed = self.epoch_list(epoch)
+        base, extra = divmod(sum(hi - lo for _, lo, hi in listed), num_slots)
         # The extra samples go to the `extra` slots after the previous epoch's: a rotating window.
         gets_extra = [(k - epoch * extra) % num_slots < extra for k in range(num_slots)]
         start = slot * base + sum(gets_extra[:slot])
         stop = start + base + gets_extra[slot]
         ranges, position = [], 0
-        for shard in order:
-            size = self.sizes[shard] or 0
+        for shard, first, end in listed:
+            size = end - first
             lo, hi = max(start, position), min(stop, position + size)
             if lo < hi:
-                ranges.append((shard, lo - position, hi - position))
+                ranges.append((shard, first + lo - position, first + hi - position))
             position += size
             if position >= stop:
                 break
@@ -173,6 +190,10 @@ class Plan:
             blocks.append(current)
         return blocks
 
+    def block_rng(self, epoch: int, worker: int, block: int) -> random.Random:
+        """The random stream of a block's shuffle buffer (and of nothing else)."""
+        return random.Random(make_seed(self.seed, epoch, self.rank, worker, block, 0x5F))
+
     def resampled_block(self, worker: int, block: int) -> list[tuple[int, int, int | None]]:
         """Resampled mode: shards drawn with replacement until the block holds >= block_samples samples."""
         rng = random.Random(make_seed(self.seed, self.rank, worker, block, 0x2E5A))
@@ -189,3 +210,55 @@ class Plan:
         """The size assumed for a shard that was not counted (remote shards without sizes.json)."""
         known = [s for s in self.sizes if s]
         return sum(known) / len(known) if known else 1000.0
+
+
+def remaining_samples(old: Plan, positions: dict[tuple[int, int], tuple[int, int, int]]) -> dict[int, list]:
+    """Epoch-exact mode: for each epoch some slot of `old` (a plan of the old run, any rank) was in, the samples of
+    that epoch no old slot had read yet, in the epoch's reading order ([(shard, first, end)]). `positions`: each
+    old slot's (rank, worker) -> (epoch, block, offset), the position after the last sample it gave out. A slot
+    read its blocks before `block` whole and the first `offset` outputs of block `block`, which its shuffle buffer's
+    order (replayed on sample numbers) names without reading a sample."""
+    first = min(e for e, _, _ in positions.values())
+    last = max([e for e, _, _ in positions.values()] + list(old.remaining))
+    out = {}
+    for epoch in range(first, last + 1):
+        read: dict[int, list[tuple[int, int]]] = {}
+        for (rank, worker), (at_epoch, at_block, offset) in positions.items():
+            if at_epoch < epoch:
+                continue
+            plan = replace(old, rank=rank)
+            blocks = plan.blocks(epoch, rank * max(1, old.num_workers) + worker)
+            for ranges in blocks if at_epoch > epoch else blocks[:at_block]:
+                for shard, lo, hi in ranges:
+                    read.setdefault(shard, []).append((lo, hi))
+            if at_epoch == epoch and offset:
+                ranges = blocks[at_block]
+                numbers = sum(hi - lo for _, lo, hi in ranges)
+                order = shuffle_order(numbers, bufsize=old.shuffle_buffer, initial=min(old.shuffle_buffer, 100),
+                                      rng=plan.block_rng(epoch, worker, at_block)) \
+                    if old.shuffle_buffer > 1 else list(range(numbers))
+                starts = [0]
+                for _, lo, hi in ranges:
+                    starts.append(starts[-1] + hi - lo)
+                for number in order[:offset]:
+                    k = next(i for i in range(len(ranges)) if number < starts[i + 1])
+                    shard, lo, _ = ranges[k]
+                    read.setdefault(shard, []).append((lo + number - starts[k], lo + number - starts[k] + 1))
+        out[epoch] = _without(old.epoch_list(epoch), read)
+    return out
+
+
+def _without(listed: list, read: dict[int, list[tuple[int, int]]]) -> list[tuple[int, int, int]]:
+    """The ranges [(shard, first, end)] of `listed` with the spans in `read` (shard -> [(first, end)]) taken out."""
+    out = []
+    for shard, lo, hi in listed:
+        cursor = lo
+        for a, b in sorted(read.get(shard, [])):
+            if b <= cursor or a >= hi:
+                continue
+            if a > cursor:
+                out.append((shard, cursor, a))
+            cursor = max(cursor, b)
+        if cursor < hi:
+            out.append((shard, cursor, hi))
+    return out

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from contrastive import checkpoint, rng
+from contrastive import checkpoint, resume, rng
 from contrastive.config import Config, resolve_auto, save_config, to_dict
 from contrastive.data import TrainLoader
 from contrastive.distributed import host_all_gather, host_broadcast_object
@@ -227,6 +227,13 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     refuse_reused_run_dir(run_dir, resume=cfg.train.resume)
     resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
     world = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    # Every rank checks the checkpoint and all take the same decision before any collective load.
+    try:
+        resume_plan = resume.agree_on_resume(resume_from, world=world, zero_stage=cfg.deepspeed.zero_stage,
+                                             precision=cfg.deepspeed.precision)
+    except UserError:
+        dist.destroy_process_group()  # every rank raises here: leaving the group together ends each cleanly
+        raise
     device = device_for(world)
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
@@ -246,14 +253,14 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
 
     step, elapsed_before, nonfinite_total, loss_scale_skips = 0, 0.0, 0, 0
     torch.manual_seed(cfg.train.seed * 1000 + world.rank)  # per-rank dropout draws, CPU and CUDA
-    if resume_from is not None:
-        shared, mine = checkpoint.load_checkpoint(engine, resume_from, rank=world.rank)
+    if resume_plan is not None:
+        # Another world size, ZeRO stage or precision is resharded; this rank's data position and RNG come too.
+        shared = resume.restore(resume_plan, engine=engine, scheduler=scheduler, loader=loader, rank=world.rank,
+                                device=device)
         step, elapsed_before, nonfinite_total = shared["step"], shared["time_s"], shared["nonfinite_skips"]
         loss_scale_skips = shared.get("loss_scale_skips", 0)
         if cfg.train.fit_steps_to_time and "step_plan" in shared:  # before the next step's lr is computed
             plan.restore(shared["step_plan"], max_steps=cfg.train.steps)
-        loader.load_state_dict(mine["loader"])
-        rng.restore(rng.from_json(mine), device)  # this rank's own CPU and device generators
         clamp_logit_scale_(engine, max_logit_scale=cfg.model.max_logit_scale)  # checkpoints of older versions
     if cfg.train.resume:  # also with no checkpoint yet: the records of a run killed before its first one go
         logger.resume_at(step)
