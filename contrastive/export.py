@@ -11,50 +11,21 @@ import copy
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from contrastive.errors import UserError
+from contrastive.loading import (OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, SUMMARY, Source, build_bundle, load_source,
+                                 open_clip_layout)
 
 FORMATS = ("open_clip", "hf", "embeddings", "onnx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 ONNX_IMAGE, ONNX_TEXT, ONNX_CONFIG = "image_encoder.onnx", "text_encoder.onnx", "onnx_config.json"
 CARD = "README.md"
-SUMMARY = "export.json"
-# Our modules keep these 1-D because DeepSpeed cannot flatten 0-dim parameters; open_clip's own are 0-dim.
-_SCALARS = ("logit_scale", "logit_bias")
 # Max abs difference between an export and our model (fp32, on random inputs) above which export fails.
 CHECK_TOL = 1e-4
-
-
-@dataclass
-class Source:
-    """A trained model on disk: full fp32 weights (our module's layout), architecture, what the run recorded."""
-
-    path: Path
-    run_dir: Path | None
-    model_cfg: dict
-    preprocess_cfg: dict
-    state_dict: dict[str, torch.Tensor]
-    state: dict = field(default_factory=dict)
-    config_yaml: str = ""
-
-    @property
-    def step(self) -> int | None:
-        return self.state.get("step")
-
-
-def our_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.reshape(1) if k in _SCALARS and v.ndim == 0 else v for k, v in sd.items()}
-
-
-def open_clip_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.reshape(()) if k in _SCALARS and v.shape == (1,) else v for k, v in sd.items()}
 
 
 def open_clip_model_cfg(model_cfg: dict) -> dict:
@@ -62,52 +33,6 @@ def open_clip_model_cfg(model_cfg: dict) -> dict:
     cfg = copy.deepcopy(model_cfg)
     cfg.pop("nonscalar_logit_scale", None)
     return cfg
-
-
-def is_open_clip_export(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / OPEN_CLIP_CONFIG).is_file() and (path / OPEN_CLIP_WEIGHTS).is_file()
-
-
-def load_source(path: str | Path) -> Source:
-    """A run directory (its latest checkpoint), a checkpoint directory (ZeRO-sharded or not), or a directory
-    written by `export --format open_clip`."""
-    from safetensors.torch import load_file
-
-    from contrastive import checkpoint
-
-    path = Path(path)
-    if is_open_clip_export(path):
-        cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())
-        info = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else {}
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / OPEN_CLIP_WEIGHTS)).items()}
-        return Source(path=path, run_dir=None, model_cfg=cfg["model_cfg"], preprocess_cfg=cfg.get("preprocess_cfg", {}),
-                      state_dict=our_layout(sd), state=info.get("training_state", {}),
-                      config_yaml=info.get("training_config", ""))
-    ckpt = checkpoint.find_weights(path)
-    arch = json.loads((ckpt / checkpoint.ARCH_FILE).read_text())
-    loader = getattr(checkpoint, "load_full_state_dict", None)
-    sd = loader(ckpt) if loader is not None else load_file(str(ckpt / checkpoint.MODEL_FILE))
-    sd = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach() for k, v in sd.items()}
-    state_file, config_file = ckpt / checkpoint.STATE_FILE, ckpt / checkpoint.CONFIG_FILE
-    run_dir = ckpt.parent.parent if ckpt.parent.name == checkpoint.CKPT_DIR else None
-    return Source(path=ckpt, run_dir=run_dir, model_cfg=arch["model_cfg"], preprocess_cfg=arch.get("preprocess_cfg") or {},
-                  state_dict=our_layout(sd), state=json.loads(state_file.read_text()) if state_file.is_file() else {},
-                  config_yaml=config_file.read_text() if config_file.is_file() else "")
-
-
-def build_bundle(source: Source):
-    """Our ModelBundle (eval mode) holding the source's weights, strictly loaded."""
-    from contrastive.config import ModelConfig
-    from contrastive.models import build_model
-
-    bundle = build_model(ModelConfig(name="export"), model_cfg=source.model_cfg, preprocess_cfg=source.preprocess_cfg)
-    missing, unexpected = bundle.model.load_state_dict(source.state_dict, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{source.path}: weights do not match the architecture in it "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    bundle.model.eval()
-    return bundle
 
 
 # ---------------------------------------------------------------- output directory

@@ -189,7 +189,7 @@ def check_hf_text_cfg(text_cfg: dict) -> None:
         return
     if name.startswith(RELATIVE):
         raise UserError(f"text_cfg.hf_model_name {name!r} is relative to a checkpoint; load the checkpoint with "
-                        f"contrastive.checkpoint.load_arch (which resolves it) or load_for_inference")
+                        f"contrastive.checkpoint.load_arch (which resolves it) or contrastive.loading.load_for_inference")
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"text tower directory {name} has no config.json")
