@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from contrastive.errors import UserError
+from contrastive.hf_export import TOWERS_FILE, is_conv_tower
 from contrastive.loading import (OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, SUMMARY, Source, build_bundle, load_source,
                                  open_clip_layout)
 
@@ -88,7 +89,15 @@ def write_open_clip(source: Source, bundle, out: Path, *, dtype: torch.dtype) ->
         {"model_cfg": open_clip_model_cfg(source.model_cfg), "preprocess_cfg": preprocess}, indent=2))
     if hasattr(bundle.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: local-dir: reads it from OUT
         bundle.tokenizer.save_pretrained(str(out))
-    return {"files": [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS]}
+    files = [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS]
+    if is_conv_tower(source.model_cfg):
+        # open_clip builds timm towers by registered name only and neither it nor timm imports code from a model
+        # folder, so our trunk's definition (torch + timm) travels with the weights: importing it registers it.
+        import contrastive.towers
+
+        shutil.copyfile(contrastive.towers.__file__, out / TOWERS_FILE)
+        files.append(TOWERS_FILE)
+    return {"files": files}
 
 
 def _probe_inputs(bundle, *, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +135,11 @@ def check_open_clip(out: Path, bundle) -> float:
 
 @torch.no_grad()
 def check_hf(out: Path, bundle) -> float:
-    """Max abs difference of normalised embeddings, CLIPModel/CLIPProcessor load vs our model."""
-    from transformers import CLIPModel, CLIPTokenizer
+    """Max abs difference of normalised embeddings, AutoModel (CLIPModel, or the remote-code model of a conv
+    tower) + CLIPTokenizer load vs our model."""
+    from transformers import AutoModel, CLIPTokenizer
 
-    model = CLIPModel.from_pretrained(str(out), dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(str(out), dtype=torch.float32, trust_remote_code=True).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(out))
     images, texts = _probe_inputs(bundle)
     ref_img, ref_txt = _reference(bundle, images, texts)
