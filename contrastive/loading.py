@@ -104,3 +104,58 @@ def load_for_inference(path: str | Path) -> tuple[Any, dict]:
     if source.format != "checkpoint":
         info["format"] = source.format
     return build_bundle(source), info
+
+
+# ---------------------------------------------------------------- model.pretrained: a trained model to start from
+
+LOCAL_DIR = "local-dir:"
+# Weight files of an open_clip `local-dir:` folder, in the order open_clip's factory prefers them.
+_OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                           "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+
+
+def read_pretrained(spec: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, preprocess config or {}) of `model.pretrained`: an open_clip checkpoint file (open_clip_train's
+    epoch_N.pt, a .bin/.pth/.safetensors state dict), an open_clip `local-dir:` folder (ours from `export
+    --format open_clip` among them), or one of our run or checkpoint directories. Weights-only loading throughout."""
+    from contrastive import checkpoint
+    from contrastive.pretrained import local_path
+
+    path = local_path(spec[len(LOCAL_DIR):] if spec.startswith(LOCAL_DIR) else spec, what="model.pretrained")
+    if path.is_file():
+        return _open_clip_state_dict(path, spec), {}
+    if (path / "open_clip_config.json").is_file():
+        weights = next((path / f for f in _OPEN_CLIP_WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            raise UserError(f"model.pretrained {spec!r} has open_clip_config.json but no weights "
+                            f"({' or '.join(_OPEN_CLIP_WEIGHT_FILES[:3])})")
+        config = json.loads((path / "open_clip_config.json").read_text())
+        return _open_clip_state_dict(weights, spec), config.get("preprocess_cfg") or {}
+    if path.is_dir() and ((path / checkpoint.ARCH_FILE).is_file() or (path / checkpoint.CKPT_DIR / checkpoint.LATEST).is_file()):
+        source = load_source(path)
+        return source.state_dict, source.preprocess_cfg
+    raise UserError(f"model.pretrained {spec!r} is not an open_clip checkpoint file, an open_clip local-dir folder "
+                    f"(open_clip_config.json + weights, as `contrastive export --format open_clip` writes), "
+                    f"a run directory with checkpoints or a checkpoint directory")
+
+
+def _open_clip_state_dict(path: Path, spec: str) -> dict:
+    from open_clip.factory import load_state_dict
+
+    try:  # open_clip's own reader: {"state_dict": ...} of open_clip_train, DDP's "module." prefix removed
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as e:  # a pickle with code in it, a truncated file, not a checkpoint at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"model.pretrained {spec!r}: not a safetensors file or a weights-only state dict ({first})") from None
+    if not isinstance(state, dict) or not state or not all(hasattr(v, "shape") for v in state.values()):
+        raise UserError(f"model.pretrained {spec!r} holds no state dict of tensors")
+    return dict(state)
+
+
+def build_initialised(cfg):
+    """build_model(cfg) with model.pretrained's weights, when it names any (the training entry point).
+    Reading lives here, not in contrastive.models, because a run or checkpoint is read through checkpoint.py,
+    which builds on models.py."""
+    from contrastive.models import build_model
+
+    return build_model(cfg, pretrained=read_pretrained(cfg.pretrained) if cfg.pretrained else None)

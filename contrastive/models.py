@@ -56,10 +56,12 @@ def get_open_clip_config(name: str) -> dict:
     return copy.deepcopy(cfg)
 
 
-def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> ModelBundle:
+def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_cfg: dict | None = None,
+                pretrained: tuple[dict, dict] | None = None) -> ModelBundle:
     """Build a dual encoder for `cfg.name`, or for an explicit architecture dict (`model_cfg`, as saved beside
     checkpoints) with its saved `preprocess_cfg`. Towers are randomly initialised unless `cfg` names local
-    pretrained weights (model.pretrained for both towers, model.text_pretrained, model.image_pretrained); `cfg`'s
+    pretrained weights (model.text_pretrained, model.image_pretrained; model.pretrained for both towers, read by
+    contrastive.loading.read_pretrained and passed as `pretrained`: (state dict, preprocess config)); `cfg`'s
     lock_* keys lock them (LiT)."""
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
@@ -93,7 +95,9 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
     if cfg.pretrained:  # before locking: frozen BatchNorm and cached text features start from these weights
         from contrastive.pretrained import load_pretrained
 
-        source_preprocess = load_pretrained(model, cfg.pretrained, arch_name=cfg.name)
+        assert pretrained is not None, "model.pretrained: build with contrastive.loading.build_initialised"
+        state, source_preprocess = pretrained
+        load_pretrained(model, state, spec=cfg.pretrained, arch_name=cfg.name)
     elif cfg.text_pretrained and not cfg.text_random_init:
         from contrastive.pretrained import load_hf_weights
 

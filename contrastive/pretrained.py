@@ -292,57 +292,14 @@ def visual_name(visual: nn.Module) -> str:
 
 # ---------------------------------------------------------------- whole models (model.pretrained)
 
-LOCAL_DIR = "local-dir:"
-# Weight files of an open_clip `local-dir:` folder, in the order open_clip's factory prefers them.
-_OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                           "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
-
-
-def read_pretrained(spec: str) -> tuple[dict, dict]:
-    """(state dict, preprocess config or {}) of `model.pretrained`: an open_clip checkpoint file (open_clip_train's
-    epoch_N.pt, a .bin/.pth/.safetensors state dict), an open_clip `local-dir:` folder (ours from `export
-    --format open_clip` among them), or one of our run or checkpoint directories. Weights-only loading throughout."""
-    from contrastive import checkpoint
-    from contrastive.loading import load_source
-
-    path = local_path(spec[len(LOCAL_DIR):] if spec.startswith(LOCAL_DIR) else spec, what="model.pretrained")
-    if path.is_file():
-        return _open_clip_state_dict(path, spec), {}
-    if (path / "open_clip_config.json").is_file():
-        weights = next((path / f for f in _OPEN_CLIP_WEIGHT_FILES if (path / f).is_file()), None)
-        if weights is None:
-            raise UserError(f"model.pretrained {spec!r} has open_clip_config.json but no weights "
-                            f"({' or '.join(_OPEN_CLIP_WEIGHT_FILES[:3])})")
-        return _open_clip_state_dict(weights, spec), _read_json(path / "open_clip_config.json").get("preprocess_cfg") or {}
-    if path.is_dir() and ((path / checkpoint.ARCH_FILE).is_file() or (path / checkpoint.CKPT_DIR / checkpoint.LATEST).is_file()):
-        source = load_source(path)
-        return source.state_dict, source.preprocess_cfg
-    raise UserError(f"model.pretrained {spec!r} is not an open_clip checkpoint file, an open_clip local-dir folder "
-                    f"(open_clip_config.json + weights, as `contrastive export --format open_clip` writes), "
-                    f"a run directory with checkpoints or a checkpoint directory")
-
-
-def _open_clip_state_dict(path: Path, spec: str) -> dict:
-    from open_clip.factory import load_state_dict
-
-    try:  # open_clip's own reader: {"state_dict": ...} of open_clip_train, DDP's "module." prefix removed
-        state = load_state_dict(str(path), weights_only=True)
-    except Exception as e:  # a pickle with code in it, a truncated file, not a checkpoint at all
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"model.pretrained {spec!r}: not a safetensors file or a weights-only state dict ({first})") from None
-    if not isinstance(state, dict) or not state or not all(hasattr(v, "shape") for v in state.values()):
-        raise UserError(f"model.pretrained {spec!r} holds no state dict of tensors")
-    return dict(state)
-
-
-def load_pretrained(model: nn.Module, spec: str, *, arch_name: str) -> dict:
-    """Initialise both towers (and the logit scale) of `model` from `model.pretrained`, strictly: a tensor
-    missing, left over or of another shape is refused in one line naming the first one. A source without a
-    logit bias leaves a SigLIP model's own (as open_clip does); BatchNorm batch counters may be absent.
-    Returns the source's preprocess config ({} when it records none)."""
+def load_pretrained(model: nn.Module, state: dict, *, spec: str, arch_name: str) -> None:
+    """Initialise both towers (and the logit scale) of `model` from `model.pretrained`'s state dict (read by
+    contrastive.loading.read_pretrained), strictly: a tensor missing, left over or of another shape is refused in
+    one line naming the first one. A source without a logit bias leaves a SigLIP model's own (as open_clip does);
+    BatchNorm batch counters may be absent."""
     from open_clip.model import convert_to_custom_text_state_dict
 
-    state, preprocess_cfg = read_pretrained(spec)
+    state = dict(state)
     own = model.state_dict()
     if "positional_embedding" in state and "positional_embedding" not in own:  # open_clip's older text layout
         state = convert_to_custom_text_state_dict(state)
@@ -358,7 +315,6 @@ def load_pretrained(model: nn.Module, spec: str, *, arch_name: str) -> dict:
         raise UserError(f"model.pretrained {spec!r} does not fit the architecture of model.name={arch_name}: "
                         f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     model.load_state_dict(state, strict=False)
-    return preprocess_cfg
 
 
 # ---------------------------------------------------------------- self-contained checkpoints

@@ -11,7 +11,7 @@ import torch
 from contrastive.config import load_config
 from contrastive.errors import UserError
 from contrastive.export import export
-from contrastive.loading import load_for_inference
+from contrastive.loading import build_initialised, load_for_inference
 from contrastive.models import build_model
 from tests.conftest import REPO
 from tests.test_export import make_run, val_batch
@@ -45,7 +45,7 @@ def test_initialised_model_has_the_sources_embeddings(sources, synthetic_data, n
     spec = {"export": src["export"], "local-dir": f"local-dir:{src['export']}", "run": src["run"],
             "epoch_file": src["epoch_file"]}[kind]
     cfg = load_config(None, [f"data.train={synthetic_data['train']}", f"model.name={name}", f"model.pretrained={spec}"])
-    ours = build_model(cfg.model)
+    ours = build_initialised(cfg.model)
     reference, _ = load_for_inference(src["export"])  # the exported model, rebuilt by another path
     images, texts, _ = val_batch(synthetic_data, reference.preprocess_val)
     for a, b in zip(_encode(ours, images, texts), _encode(reference, images, texts)):
@@ -81,7 +81,7 @@ def test_another_architecture_is_refused_naming_the_first_tensor_that_differs(so
     first = next(k for k in here if k not in there or here[k].shape != there[k].shape)
     cfg = load_config(None, ["model.name=demo-vit-48", f"model.pretrained={exported}"])
     with pytest.raises(UserError) as e:
-        build_model(cfg.model)
+        build_initialised(cfg.model)
     message = str(e.value)
     assert len(message.splitlines()) == 1 and f": {first} is " in message and "model.name=demo-vit-48" in message
 
