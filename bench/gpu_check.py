@@ -607,7 +607,7 @@ def _embed(model, images, texts, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def section_export(check: Check) -> dict:
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from contrastive.export import export
 
     if not check.trained:

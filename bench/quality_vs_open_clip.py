@@ -446,7 +446,7 @@ def load_open_clip_checkpoint(model, path: str | Path) -> dict:
 def load_both(cfg, *, ours_run: Path, openclip_ckpt: Path) -> tuple[dict, dict]:
     """({"ours": bundle, "open_clip": bundle}, open_clip checkpoint info). Both bundles share ours'
     preprocessing and tokenizer (rebuilt from the same model config), so only the weights differ."""
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from contrastive.models import build_model
 
     ours, _ = load_for_inference(ours_run)

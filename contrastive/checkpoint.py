@@ -18,7 +18,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -419,26 +418,3 @@ def load_arch(ckpt: str | Path) -> dict:
     arch = json.loads((Path(ckpt) / ARCH_FILE).read_text())
     arch["model_cfg"] = resolve_model_assets(arch["model_cfg"], ckpt)
     return arch
-
-
-def load_for_inference(path: str | Path) -> tuple[Any, dict]:
-    """Rebuild a model with its weights for evaluation; returns (ModelBundle in eval mode, info)."""
-    from contrastive.config import ModelConfig
-    from contrastive.models import build_model
-
-    if (Path(path) / "open_clip_config.json").is_file():  # written by `contrastive export --format open_clip`
-        from contrastive.export import build_bundle, load_source
-
-        source = load_source(path)
-        return build_bundle(source), {"checkpoint": str(path), "step": source.step, "format": "open_clip"}
-    ckpt = find_weights(path)
-    arch = load_arch(ckpt)
-    bundle = build_model(ModelConfig(name="checkpoint"), model_cfg=arch["model_cfg"],
-                         preprocess_cfg=arch.get("preprocess_cfg"))
-    missing, unexpected = bundle.model.load_state_dict(load_full_state_dict(ckpt), strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt} does not match its architecture "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    bundle.model.eval()
-    state = json.loads((ckpt / STATE_FILE).read_text()) if (ckpt / STATE_FILE).is_file() else {}
-    return bundle, {"checkpoint": str(ckpt), "step": state.get("step")}

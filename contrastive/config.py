@@ -139,6 +139,11 @@ class ModelConfig:
     text_random_init: bool = False
     # A timm checkpoint (.safetensors or a weights-only state dict) for model.name's timm image tower.
     image_pretrained: str = ""
+    # Both towers and the logit scale from one trained CLIP, for fine-tuning: an open_clip checkpoint file
+    # (open_clip_train's epoch_N.pt, a .bin/.pth/.safetensors state dict), an open_clip `local-dir:` folder
+    # (`contrastive export --format open_clip` writes one), or one of our run or checkpoint directories. The
+    # architecture is still model.name's (with text_pretrained's text tower, if set); the weights must fit it.
+    pretrained: str = ""
     # Locked towers (LiT), as open_clip's --lock-image / --lock-text; optim.freeze adds regexes on top.
     lock_image: bool = False
     # Leave the last N layer groups of the image tower trainable.
@@ -177,6 +182,10 @@ class ModelConfig:
         for key, lock in (("lock_image_freeze_bn_stats", "lock_image"), ("lock_text_freeze_layer_norm", "lock_text")):
             if getattr(self, key) and not getattr(self, lock):
                 raise ConfigError(f"model.{key} has no effect without model.{lock}=true")
+        if self.pretrained and self.image_pretrained:
+            raise ConfigError("model.pretrained already sets the image tower's weights; drop model.image_pretrained")
+        if self.pretrained and self.text_random_init:
+            raise ConfigError("model.pretrained sets the text tower's weights; drop model.text_random_init")
         if self.text_context_length < 0:
             raise ConfigError(f"model.text_context_length must be >= 0, got {self.text_context_length}")
         if self.lock_text_cache_size < 0:

@@ -23,7 +23,7 @@ def run(out: Path, *, config: Path, num_samples: int, num_val: int, image_size: 
     from contrastive.train import train
     from data_prep.synthetic import generate
     from eval.zeroshot import LabelledImages, benchmark_json, evaluate
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
 
     start = time.time()
     print(f"[1/3] drawing {num_samples} + {num_val} synthetic image-text pairs into {out / 'data'}", flush=True)

@@ -14,23 +14,20 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from contrastive.errors import UserError
+from contrastive.hf_export import TOWERS_FILE, is_conv_tower
+from contrastive.loading import (OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, SUMMARY, Source, build_bundle, load_source,
+                                 open_clip_layout)
 
 FORMATS = ("open_clip", "hf", "embeddings", "onnx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 ONNX_IMAGE, ONNX_TEXT, ONNX_CONFIG = "image_encoder.onnx", "text_encoder.onnx", "onnx_config.json"
 CARD = "README.md"
-SUMMARY = "export.json"
-# Our modules keep these 1-D because DeepSpeed cannot flatten 0-dim parameters; open_clip's own are 0-dim.
-_SCALARS = ("logit_scale", "logit_bias")
 # Max abs difference between an export and our model (fp32, on random inputs) above which export fails.
 CHECK_TOL = 1e-4
 # A staging folder of another host (or of no recorded host) in which nothing changed for this long is taken as
@@ -40,82 +37,11 @@ STALE_STAGE_S = 2 * 24 * 3600
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-@dataclass
-class Source:
-    """A trained model on disk: full fp32 weights (our module's layout), architecture, what the run recorded."""
-
-    path: Path
-    run_dir: Path | None
-    model_cfg: dict
-    preprocess_cfg: dict
-    state_dict: dict[str, torch.Tensor]
-    state: dict = field(default_factory=dict)
-    config_yaml: str = ""
-
-    @property
-    def step(self) -> int | None:
-        return self.state.get("step")
-
-
-def our_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.reshape(1) if k in _SCALARS and v.ndim == 0 else v for k, v in sd.items()}
-
-
-def open_clip_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.reshape(()) if k in _SCALARS and v.shape == (1,) else v for k, v in sd.items()}
-
-
 def open_clip_model_cfg(model_cfg: dict) -> dict:
     """open_clip's standard architecture dict: 0-dim logit scale/bias, as every open_clip tool expects."""
     cfg = copy.deepcopy(model_cfg)
     cfg.pop("nonscalar_logit_scale", None)
     return cfg
-
-
-def is_open_clip_export(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / OPEN_CLIP_CONFIG).is_file() and (path / OPEN_CLIP_WEIGHTS).is_file()
-
-
-def load_source(path: str | Path) -> Source:
-    """A run directory (its latest checkpoint), a checkpoint directory (ZeRO-sharded or not), or a directory
-    written by `export --format open_clip`."""
-    from safetensors.torch import load_file
-
-    from contrastive import checkpoint
-
-    path = Path(path)
-    if is_open_clip_export(path):
-        cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())
-        info = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else {}
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / OPEN_CLIP_WEIGHTS)).items()}
-        return Source(path=path, run_dir=None, model_cfg=cfg["model_cfg"], preprocess_cfg=cfg.get("preprocess_cfg", {}),
-                      state_dict=our_layout(sd), state=info.get("training_state", {}),
-                      config_yaml=info.get("training_config", ""))
-    ckpt = checkpoint.find_weights(path)
-    arch = json.loads((ckpt / checkpoint.ARCH_FILE).read_text())
-    loader = getattr(checkpoint, "load_full_state_dict", None)
-    sd = loader(ckpt) if loader is not None else load_file(str(ckpt / checkpoint.MODEL_FILE))
-    sd = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach() for k, v in sd.items()}
-    state_file, config_file = ckpt / checkpoint.STATE_FILE, ckpt / checkpoint.CONFIG_FILE
-    run_dir = ckpt.parent.parent if ckpt.parent.name == checkpoint.CKPT_DIR else None
-    return Source(path=ckpt, run_dir=run_dir, model_cfg=arch["model_cfg"], preprocess_cfg=arch.get("preprocess_cfg") or {},
-                  state_dict=our_layout(sd), state=json.loads(state_file.read_text()) if state_file.is_file() else {},
-                  config_yaml=config_file.read_text() if config_file.is_file() else "")
-
-
-def build_bundle(source: Source):
-    """Our ModelBundle (eval mode) holding the source's weights, strictly loaded."""
-    from contrastive.config import ModelConfig
-    from contrastive.models import build_model
-
-    bundle = build_model(ModelConfig(name="export"), model_cfg=source.model_cfg, preprocess_cfg=source.preprocess_cfg)
-    missing, unexpected = bundle.model.load_state_dict(source.state_dict, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{source.path}: weights do not match the architecture in it "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    bundle.model.eval()
-    return bundle
 
 
 # ---------------------------------------------------------------- output directory
@@ -199,7 +125,15 @@ def write_open_clip(source: Source, bundle, out: Path, *, dtype: torch.dtype) ->
         {"model_cfg": open_clip_model_cfg(source.model_cfg), "preprocess_cfg": preprocess}, indent=2))
     if hasattr(bundle.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer: local-dir: reads it from OUT
         bundle.tokenizer.save_pretrained(str(out))
-    return {"files": [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS]}
+    files = [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS]
+    if is_conv_tower(source.model_cfg):
+        # open_clip builds timm towers by registered name only and neither it nor timm imports code from a model
+        # folder, so our trunk's definition (torch + timm) travels with the weights: importing it registers it.
+        import contrastive.towers
+
+        shutil.copyfile(contrastive.towers.__file__, out / TOWERS_FILE)
+        files.append(TOWERS_FILE)
+    return {"files": files}
 
 
 def _probe_inputs(bundle, *, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,10 +171,11 @@ def check_open_clip(out: Path, bundle) -> float:
 
 @torch.no_grad()
 def check_hf(out: Path, bundle) -> float:
-    """Max abs difference of normalised embeddings, CLIPModel/CLIPProcessor load vs our model."""
-    from transformers import CLIPModel, CLIPTokenizer
+    """Max abs difference of normalised embeddings, AutoModel (CLIPModel, or the remote-code model of a conv
+    tower) + CLIPTokenizer load vs our model."""
+    from transformers import AutoModel, CLIPTokenizer
 
-    model = CLIPModel.from_pretrained(str(out), dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(str(out), dtype=torch.float32, trust_remote_code=True).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(out))
     images, texts = _probe_inputs(bundle)
     ref_img, ref_txt = _reference(bundle, images, texts)

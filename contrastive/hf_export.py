@@ -4,7 +4,9 @@ CLIPModel computes exactly what an open_clip `CLIP` with its built-in VisionTran
 computes when: the image tower pools the class token after ln_post and projects without bias; the text
 tower is causal, pools the first end-of-text token (open_clip's argmax over CLIP BPE ids finds the same
 position, as 49407 is the largest id) and projects without bias; blocks are plain pre-LN attention + MLP
-with GELU or QuickGELU. Anything else is refused with the reason, never exported approximately.
+with GELU or QuickGELU. Models whose image tower is one of our conv trunks (contrastive/towers.py), which
+CLIPModel cannot hold, are written as contrastive/hf_modeling.py's ContrastiveCLIPModel with its code beside the
+weights (transformers' remote-code layout). Anything else is refused with the reason, never exported approximately.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import copy
 import functools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +24,8 @@ from contrastive.errors import UserError
 BOS_ID, EOS_ID, CLIP_VOCAB_SIZE = 49406, 49407, 49408
 HF_BOS, HF_EOS = "<|startoftext|>", "<|endoftext|>"
 _CUSTOM_BLOCK_FLAGS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+# Written beside the weights of a conv-tower model (contrastive/hf_modeling.py, contrastive/towers.py).
+REMOTE_MODELING_FILE, TOWERS_FILE = "modeling_contrastive_clip.py", "contrastive_towers.py"
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL resampling codes, as CLIPImageProcessor stores them
 
 
@@ -75,7 +80,7 @@ def _reasons(model_cfg: dict, preprocess_cfg: dict) -> list[str]:
     except NotRepresentable as e:
         return why + [str(e)]
     if vision.timm_model_name:
-        why.append(f"the image tower is the timm model {vision.timm_model_name!r}, not open_clip's ViT")
+        why += _conv_tower_reasons(vision)
     elif isinstance(vision.layers, (list, tuple)):
         why.append("the image tower is a ModifiedResNet, not a ViT")
     else:
@@ -141,6 +146,37 @@ def _reasons(model_cfg: dict, preprocess_cfg: dict) -> list[str]:
     return why
 
 
+def is_conv_tower(model_cfg: dict) -> bool:
+    """Whether the image tower is one of contrastive/towers.py's trunks (exported with contrastive/hf_modeling.py)."""
+    from contrastive.towers import TOWER_ARGS
+
+    return model_cfg.get("vision_cfg", {}).get("timm_model_name") in TOWER_ARGS
+
+
+def _conv_tower_reasons(vision) -> list[str]:
+    from contrastive.towers import TOWER_ARGS
+
+    if vision.timm_model_name not in TOWER_ARGS:
+        return [f"the image tower is the timm model {vision.timm_model_name!r}, neither open_clip's ViT nor one of "
+                f"our conv trunks ({', '.join(TOWER_ARGS)})"]
+    why = []
+    if vision.timm_pool != "avg":
+        why.append(f"the conv image tower pools {vision.timm_pool!r}; the exported model averages")
+    if vision.timm_proj != "linear":
+        why.append(f"the conv image tower's projection is {vision.timm_proj!r}; the exported model's is linear")
+    return why
+
+
+def _text_config(model_cfg: dict, text) -> dict:
+    return dict(
+        vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=int(text.width * text.mlp_ratio),
+        projection_dim=int(model_cfg["embed_dim"]), num_hidden_layers=text.layers, num_attention_heads=text.heads,
+        max_position_embeddings=text.context_length,
+        hidden_act="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
+        layer_norm_eps=_layer_norm_eps(text.norm_kwargs, "text"),
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+
+
 def clip_config(model_cfg: dict, *, logit_scale: float, dtype: torch.dtype = torch.float32):
     """The transformers CLIPConfig of an open_clip architecture (call check_representable first)."""
     from transformers import CLIPConfig
@@ -148,12 +184,7 @@ def clip_config(model_cfg: dict, *, logit_scale: float, dtype: torch.dtype = tor
     vision, text = _resolved(model_cfg)
     act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     embed_dim = int(model_cfg["embed_dim"])
-    text_config = dict(
-        vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=int(text.width * text.mlp_ratio),
-        projection_dim=embed_dim, num_hidden_layers=text.layers, num_attention_heads=text.heads,
-        max_position_embeddings=text.context_length, hidden_act=act,
-        layer_norm_eps=_layer_norm_eps(text.norm_kwargs, "text"),
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)
+    text_config = _text_config(model_cfg, text)
     vision_config = dict(
         hidden_size=vision.width, intermediate_size=int(vision.width * vision.mlp_ratio), projection_dim=embed_dim,
         num_hidden_layers=vision.layers, num_attention_heads=vision.width // vision.head_width,
@@ -161,6 +192,24 @@ def clip_config(model_cfg: dict, *, logit_scale: float, dtype: torch.dtype = tor
         hidden_act=act, layer_norm_eps=_layer_norm_eps(vision.norm_kwargs, "image"))
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=embed_dim,
                         logit_scale_init_value=float(logit_scale))
+    config.dtype = dtype
+    return config
+
+
+def conv_clip_config(model_cfg: dict, *, logit_scale: float, dtype: torch.dtype = torch.float32):
+    """The ContrastiveCLIPConfig (contrastive/hf_modeling.py) of an architecture with one of our conv image towers,
+    its auto_map pointing at the modeling file written beside the weights."""
+    from contrastive.hf_modeling import ContrastiveCLIPConfig
+    from contrastive.towers import TOWER_ARGS
+
+    vision, text = _resolved(model_cfg)
+    config = ContrastiveCLIPConfig(
+        text_config=_text_config(model_cfg, text),
+        vision_config={**TOWER_ARGS[vision.timm_model_name], "proj_bias": bool(vision.timm_proj_bias)},
+        projection_dim=int(model_cfg["embed_dim"]), logit_scale_init_value=float(logit_scale))
+    module = Path(REMOTE_MODELING_FILE).stem
+    config.auto_map = {"AutoConfig": f"{module}.ContrastiveCLIPConfig", "AutoModel": f"{module}.ContrastiveCLIPModel"}
+    config.architectures = ["ContrastiveCLIPModel"]
     config.dtype = dtype
     return config
 
@@ -215,17 +264,32 @@ def _tower(sd: dict, prefix: str, hf_prefix: str, names: dict, out: dict) -> set
     return used
 
 
-def to_hf_state_dict(sd: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, torch.Tensor]:
-    """open_clip CLIP / CustomTextCLIP tensor names -> CLIPModel names. Every source tensor must be used."""
+def _text_and_scale(sd: dict[str, torch.Tensor], out: dict) -> set:
+    """The text tower, its projection and the logit scale into CLIPModel's names; returns the keys used."""
     text_prefix = "text." if any(k.startswith("text.") for k in sd) else ""
-    out: dict[str, torch.Tensor] = {}
-    used = _tower(sd, "visual.", "vision_model.", _VISION, out)
     text_sd = {k: v for k, v in sd.items() if k.startswith(text_prefix) and not k.startswith("visual.")}
-    used |= _tower(text_sd, text_prefix, "text_model.", _TEXT, out)
-    out["visual_projection.weight"] = sd["visual.proj"].t()
+    used = _tower(text_sd, text_prefix, "text_model.", _TEXT, out)
     out["text_projection.weight"] = sd[text_prefix + "text_projection"].t()
     out["logit_scale"] = sd["logit_scale"].reshape(())
-    used |= {"visual.proj", text_prefix + "text_projection", "logit_scale"}
+    return used | {text_prefix + "text_projection", "logit_scale"}
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], model_cfg: dict) -> dict[str, torch.Tensor]:
+    """open_clip CLIP / CustomTextCLIP tensor names -> CLIPModel names (or, for one of our conv image towers,
+    ContrastiveCLIPModel's: the trunk as it is, the head's projection as vision_model.proj). Every source tensor
+    must be used."""
+    out: dict[str, torch.Tensor] = {}
+    used = _text_and_scale(sd, out)
+    if is_conv_tower(model_cfg):
+        for key, value in sd.items():
+            for ours, theirs in (("visual.trunk.", "vision_model.trunk."), ("visual.head.proj.", "vision_model.proj.")):
+                if key.startswith(ours):
+                    out[theirs + key[len(ours):]] = value
+                    used.add(key)
+    else:
+        used |= _tower(sd, "visual.", "vision_model.", _VISION, out)
+        out["visual_projection.weight"] = sd["visual.proj"].t()
+        used.add("visual.proj")
     unused = sorted(set(sd) - used)
     if unused:
         raise NotRepresentable(f"cannot export to transformers' CLIPModel: tensors {unused[:4]} have no place in it")
@@ -301,11 +365,17 @@ def write_hf(sd: dict[str, torch.Tensor], model_cfg: dict, preprocess_cfg: dict,
 
     check_representable(model_cfg, preprocess_cfg)
     hf_sd = to_hf_state_dict(sd, model_cfg)
-    config = clip_config(model_cfg, logit_scale=float(hf_sd["logit_scale"]), dtype=dtype)
+    conv = is_conv_tower(model_cfg)
+    config = (conv_clip_config if conv else clip_config)(model_cfg, logit_scale=float(hf_sd["logit_scale"]), dtype=dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # CLIPModel's random init warnings are noise: every weight is replaced
     try:
-        model = CLIPModel(copy.deepcopy(config)).eval()
+        if conv:
+            from contrastive.hf_modeling import ContrastiveCLIPModel
+
+            model = ContrastiveCLIPModel(copy.deepcopy(config)).eval()
+        else:
+            model = CLIPModel(copy.deepcopy(config)).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
@@ -313,6 +383,12 @@ def write_hf(sd: dict[str, torch.Tensor], model_cfg: dict, preprocess_cfg: dict,
         raise NotRepresentable(f"cannot export to transformers' CLIPModel: weights do not line up "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(dtype).save_pretrained(str(out), safe_serialization=True)
+    if conv:  # the model's code travels with it: AutoModel(trust_remote_code=True) needs neither us nor timm
+        import contrastive.hf_modeling
+        import contrastive.towers
+
+        shutil.copyfile(contrastive.hf_modeling.__file__, out / REMOTE_MODELING_FILE)
+        shutil.copyfile(contrastive.towers.__file__, out / TOWERS_FILE)
     text_ctx = int(model_cfg.get("text_cfg", {}).get("context_length", 77))
     processor = CLIPProcessor(image_processor=image_processor(preprocess_cfg), tokenizer=build_tokenizer(text_ctx))
     processor.save_pretrained(str(out))

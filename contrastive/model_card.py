@@ -13,6 +13,7 @@ _USAGE = {
     "open_clip": """```python
 import open_clip
 model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")
+model.eval()  # open_clip returns it in training mode (dropout; BatchNorm would update its statistics)
 tokenizer = open_clip.get_tokenizer("local-dir:{out}")
 image_features = model.encode_image(preprocess(image).unsqueeze(0), normalize=True)
 text_features = model.encode_text(tokenizer(["a photo of a cat"]), normalize=True)
@@ -28,6 +29,34 @@ The tokenizer gives open_clip's token ids on clean text; open_clip also applies 
 `html.unescape` to raw text first, so do that for scraped captions. The image processor's default
 (torchvision) backend resizes slightly differently from open_clip's PIL resize for images of another
 size; images already at the model's size give identical pixel values.""",
+    # Models with one of our conv image towers (contrastive/towers.py): the export carries the tower's code.
+    "open_clip_conv": """```python
+import sys
+import open_clip
+sys.path.insert(0, "{out}")
+import contrastive_towers  # this export's image trunk (torch + timm only): registers it with timm for open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")
+model.eval()  # open_clip returns it in training mode (dropout; BatchNorm would update its statistics)
+tokenizer = open_clip.get_tokenizer("local-dir:{out}")
+image_features = model.encode_image(preprocess(image).unsqueeze(0), normalize=True)
+text_features = model.encode_text(tokenizer(["a photo of a cat"]), normalize=True)
+```
+open_clip builds timm image towers by registered name only, and neither it nor timm imports code from a model
+folder: importing `contrastive_towers.py` from this folder first is what lets any open_clip tool (CLIP_benchmark's
+Python API among them) load the model; `contrastive` itself is not needed.""",
+    "hf_conv": """```python
+from transformers import AutoModel, CLIPProcessor
+model = AutoModel.from_pretrained("{out}", trust_remote_code=True)
+processor = CLIPProcessor.from_pretrained("{out}", trust_remote_code=True)
+inputs = processor(text=["a photo of a cat"], images=image, return_tensors="pt", padding="max_length")
+logits_per_image = model(**inputs).logits_per_image
+image_features = model.get_image_features(pixel_values=inputs["pixel_values"])
+```
+CLIPModel takes ViT image towers only; this model's conv tower is defined by `modeling_contrastive_clip.py` and
+`contrastive_towers.py` in this folder (torch + transformers, no timm, no `contrastive`), which
+`trust_remote_code=True` lets transformers import: read them first, as with any remote code. The text tower is
+transformers' CLIPTextModel. Tokenizer and image processor notes as for CLIPModel exports: clean raw web text
+(`ftfy.fix_text`, `html.unescape`) as open_clip does before tokenizing.""",
     "onnx": """```python
 import onnxruntime as ort
 image_encoder = ort.InferenceSession("{out}/image_encoder.onnx")   # pixel_values (B,3,H,W) -> image_embeds
@@ -109,6 +138,12 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _usage_key(fmt: str, model_cfg: dict) -> str:
+    from contrastive.hf_export import is_conv_tower
+
+    return f"{fmt}_conv" if fmt in ("open_clip", "hf") and is_conv_tower(model_cfg) else fmt
+
+
 def write_model_card(path: Path, *, source, bundle, summary: dict) -> None:
     fmt = summary["format"]
     config = yaml.safe_load(source.config_yaml) if source.config_yaml else None
@@ -124,7 +159,7 @@ def write_model_card(path: Path, *, source, bundle, summary: dict) -> None:
     lines += [f"# {Path(out).resolve().name}", "",
               f"A CLIP-style dual encoder trained with `contrastive`, exported with `contrastive export --format {fmt}` "
               f"from `{source.path}`" + (f" (step {step})." if step is not None else "."), "",
-              "## How to use", "", _USAGE[fmt].format(out=out), ""]
+              "## How to use", "", _USAGE[_usage_key(fmt, source.model_cfg)].format(out=out), ""]
     lines += ["## Architecture", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in architecture_rows(source.model_cfg, bundle.model)]
     lines += ["", "open_clip model config:", "", "```json",

@@ -56,10 +56,13 @@ def get_open_clip_config(name: str) -> dict:
     return copy.deepcopy(cfg)
 
 
-def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_cfg: dict | None = None) -> ModelBundle:
+def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_cfg: dict | None = None,
+                pretrained: tuple[dict, dict] | None = None) -> ModelBundle:
     """Build a dual encoder for `cfg.name`, or for an explicit architecture dict (`model_cfg`, as saved beside
     checkpoints) with its saved `preprocess_cfg`. Towers are randomly initialised unless `cfg` names local
-    pretrained weights (model.text_pretrained, model.image_pretrained); `cfg`'s lock_* keys lock them (LiT)."""
+    pretrained weights (model.text_pretrained, model.image_pretrained; model.pretrained for both towers, read by
+    contrastive.loading.read_pretrained and passed as `pretrained`: (state dict, preprocess config)); `cfg`'s
+    lock_* keys lock them (LiT)."""
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
@@ -88,7 +91,14 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
 
         check_hf_text_cfg(arch["text_cfg"])  # a hub name becomes its local cache directory, recorded in model_cfg
     model = _instantiate(arch)
-    if cfg.text_pretrained and not cfg.text_random_init:
+    source_preprocess = {}
+    if cfg.pretrained:  # before locking: frozen BatchNorm and cached text features start from these weights
+        from contrastive.pretrained import load_pretrained
+
+        assert pretrained is not None, "model.pretrained: build with contrastive.loading.build_initialised"
+        state, source_preprocess = pretrained
+        load_pretrained(model, state, spec=cfg.pretrained, arch_name=cfg.name)
+    elif cfg.text_pretrained and not cfg.text_random_init:
         from contrastive.pretrained import load_hf_weights
 
         load_hf_weights(model.text, arch["text_cfg"]["hf_model_name"])
@@ -102,8 +112,9 @@ def build_model(cfg: ModelConfig, *, model_cfg: dict | None = None, preprocess_c
 
     pp_dict = merge_preprocess_dict(PreprocessCfg(), {"size": arch["vision_cfg"].get("image_size", 224)})
     pp_dict = merge_preprocess_dict(pp_dict, getattr(model.visual, "preprocess_cfg", {}))
-    if preprocess_cfg:
-        pp_dict = merge_preprocess_dict(pp_dict, preprocess_cfg)
+    for recorded in (source_preprocess, preprocess_cfg):  # the weights were trained with these (mean, std, ...)
+        if recorded:
+            pp_dict = merge_preprocess_dict(pp_dict, recorded)
     pp = PreprocessCfg(**pp_dict)
     aug = dict(cfg.aug)
     hflip = aug.pop("hflip", 0.0)

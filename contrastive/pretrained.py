@@ -189,7 +189,7 @@ def check_hf_text_cfg(text_cfg: dict) -> None:
         return
     if name.startswith(RELATIVE):
         raise UserError(f"text_cfg.hf_model_name {name!r} is relative to a checkpoint; load the checkpoint with "
-                        f"contrastive.checkpoint.load_arch (which resolves it) or load_for_inference")
+                        f"contrastive.checkpoint.load_arch (which resolves it) or contrastive.loading.load_for_inference")
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise UserError(f"text tower directory {name} has no config.json")
@@ -288,6 +288,33 @@ def load_timm_weights(visual: nn.Module, path: str) -> None:
 def visual_name(visual: nn.Module) -> str:
     cfg = getattr(getattr(visual, "trunk", None), "pretrained_cfg", None) or {}
     return str(cfg.get("architecture", type(visual).__name__))
+
+
+# ---------------------------------------------------------------- whole models (model.pretrained)
+
+def load_pretrained(model: nn.Module, state: dict, *, spec: str, arch_name: str) -> None:
+    """Initialise both towers (and the logit scale) of `model` from `model.pretrained`'s state dict (read by
+    contrastive.loading.read_pretrained), strictly: a tensor missing, left over or of another shape is refused in
+    one line naming the first one. A source without a logit bias leaves a SigLIP model's own (as open_clip does);
+    BatchNorm batch counters may be absent."""
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    state = dict(state)
+    own = model.state_dict()
+    if "positional_embedding" in state and "positional_embedding" not in own:  # open_clip's older text layout
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):  # ours are 1-D (DeepSpeed), open_clip's 0-dim
+        if key in state and key in own and state[key].numel() == own[key].numel() == 1:
+            state[key] = state[key].reshape(own[key].shape)
+    optional = [k for k in own if k == "logit_bias" or k.endswith("num_batches_tracked")]
+    problems = [f"{k} is missing there" if k not in state else f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here"
+                for k, v in own.items()  # in the model's order, so the first is the earliest layer that differs
+                if (k not in state and k not in optional) or (k in state and state[k].shape != v.shape)]
+    problems += [f"{k} is there but not here" for k in state if k not in own]
+    if problems:
+        raise UserError(f"model.pretrained {spec!r} does not fit the architecture of model.name={arch_name}: "
+                        f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    model.load_state_dict(state, strict=False)
 
 
 # ---------------------------------------------------------------- self-contained checkpoints

@@ -11,8 +11,31 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from timm.layers import SelectAdaptivePool2d
-from timm.models import register_model
+
+try:
+    from timm.layers import SelectAdaptivePool2d
+    from timm.models import is_model, register_model
+except ImportError:  # this file also ships inside exports, where a transformers-only process has no timm
+    SelectAdaptivePool2d = None
+
+    def is_model(name: str) -> bool:
+        return True  # no registry to join
+
+    def register_model(fn):
+        return fn
+
+
+def _register(fn):
+    """Register with timm once: an export's copy of this file may be imported beside our package."""
+    return fn if is_model(fn.__name__) else register_model(fn)
+
+# The registered trunks, by the arguments that build them: exports record these, so a loader without our
+# package (see contrastive/hf_modeling.py) rebuilds the trunk from this file alone.
+TOWER_ARGS = {
+    "convnet_xs": {"widths": [32, 64, 128], "stem_width": 16},
+    "convnet_s": {"widths": [64, 128, 256], "stem_width": 32},
+    "convnet_xs_s2": {"widths": [32, 64, 128], "stem_width": 16, "stem_stride": 2},
+}
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -54,7 +77,11 @@ class SmallConvNet(nn.Module):
                                                   "std": (0.2470, 0.2435, 0.2616), "classifier": "fc"}
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
+        if global_pool is not None and SelectAdaptivePool2d is None:
+            if global_pool != "avg":
+                raise ValueError(f"global_pool={global_pool!r} needs timm; without it only 'avg' is available")
+            self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))  # timm's 'avg', op for op
+        elif global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
@@ -85,19 +112,19 @@ class SmallConvNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model
+@_register
 def convnet_xs(pretrained: bool = False, **kwargs) -> SmallConvNet:
     """~0.4M params, ~48 MFLOPs (forward) at 32 px."""
-    return SmallConvNet(widths=(32, 64, 128), stem_width=16, **kwargs)
+    return SmallConvNet(**TOWER_ARGS["convnet_xs"], **kwargs)
 
 
-@register_model
+@_register
 def convnet_s(pretrained: bool = False, **kwargs) -> SmallConvNet:
     """~1.6M params, ~190 MFLOPs (forward) at 32 px."""
-    return SmallConvNet(widths=(64, 128, 256), stem_width=32, **kwargs)
+    return SmallConvNet(**TOWER_ARGS["convnet_s"], **kwargs)
 
 
-@register_model
+@_register
 def convnet_xs_s2(pretrained: bool = False, **kwargs) -> SmallConvNet:
     """convnet_xs with a stride-2 stem: a quarter of its cost, for 48-64 px images (the demo's tower)."""
-    return SmallConvNet(widths=(32, 64, 128), stem_width=16, stem_stride=2, **kwargs)
+    return SmallConvNet(**TOWER_ARGS["convnet_xs_s2"], **kwargs)

@@ -26,7 +26,7 @@ from contrastive.evaluators import run_evaluators
 from contrastive.losses import build_loss, caption_keys, class_keys, mean_over_captions
 from contrastive.metrics import MetricsLogger
 from contrastive.preemption import EXIT_PREEMPTED, StopRequest  # noqa: F401 (EXIT_PREEMPTED re-exported)
-from contrastive.models import build_model
+from contrastive.loading import build_initialised
 from contrastive.preflight import check_run_inputs
 from contrastive.run_dir import refuse_reused_run_dir
 from contrastive.step_plan import (StepPlan, StepTimer, fit_steps, lr_lambda,  # noqa: F401 (lr_lambda re-exported)
@@ -239,7 +239,7 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     if world.is_main:
         save_config(cfg, run_dir / checkpoint.CONFIG_FILE)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    bundle = build_model(cfg.model)
+    bundle = build_initialised(cfg.model)  # model.pretrained's weights, if any
     freeze(bundle.model, cfg.optim.freeze)
     plan = StepPlan.configured(cfg.train.steps)  # the schedule reads it at every step: a fit moves its end
     engine, scheduler = build_engine(bundle.model.to(device), cfg, world, lr_lambda(cfg.optim, plan))

@@ -238,8 +238,8 @@ def value_embeddings(bundle, values: list[str], templates: list[str]) -> dict:
 
 def run_cli(args) -> dict:
     """`contrastive arith-eval`: load the index directory and its model, evaluate, write JSON and a chart."""
-    from contrastive.checkpoint import load_for_inference
-    from eval.index import move_to_gpu
+    from contrastive.loading import load_for_inference
+    from eval.gpu import move_to_gpu
     from eval.plots import plot_arithmetic
     from eval.search import Gallery
     from eval.zeroshot import load_templates

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from contrastive.errors import UserError
+from eval.gpu import gpu_available, move_to_gpu, to_gpu
 
 INDEX_FILE = "image.index"
 PARAMS_FILE = "index.json"
@@ -25,7 +26,6 @@ EXACT_MAX = 100_000
 # Sub-quantizer counts that faiss's GPU IVF-PQ supports; we only pick among these so an index moves to the GPU.
 GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
-_gpu_resources: list = []  # StandardGpuResources must outlive every index that uses them
 
 
 @dataclass
@@ -99,42 +99,6 @@ def choose_spec(num_vectors: int, dim: int, *, kind: str = "auto", exact_max: in
 
 
 # ---------------------------------------------------------------- GPU
-
-def gpu_available() -> bool:
-    """True when this faiss build has GPU support and sees a GPU (faiss-cpu lacks the GPU symbols)."""
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def to_gpu(index):
-    """Move an index to GPU 0 when faiss sees one; on any failure (or without a GPU) the CPU index is returned."""
-    import faiss
-
-    if not gpu_available():
-        return index
-    try:
-        res = faiss.StandardGpuResources()
-        options = faiss.GpuClonerOptions()
-        ivf = faiss.try_extract_index_ivf(index)
-        # For IVF-PQ useFloat16 means float16 lookup tables, which the GPU needs past 48 bytes per code; for
-        # IVF-Flat it would mean float16 storage, so it stays off there.
-        options.useFloat16 = ivf is not None and "PQ" in type(faiss.downcast_index(ivf)).__name__
-        gpu_index = faiss.index_cpu_to_gpu(res, 0, index, options)
-    except Exception as e:  # e.g. an index type the GPU does not run
-        print(f"faiss: keeping the index on the CPU ({type(e).__name__}: {e})")
-        return index
-    _gpu_resources.append(res)
-    return gpu_index
-
-
-def move_to_gpu(bundle) -> None:
-    """Embed on the GPU when torch sees one."""
-    import torch
-
-    if torch.cuda.is_available():
-        bundle.model.cuda()
-
 
 def to_cpu(index):
     import faiss
@@ -454,7 +418,7 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
     """`contrastive index`: embed a shard set (clip-retrieval layout), build and tune a FAISS index beside it."""
     import faiss
 
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from contrastive.data import expand_sources
     from eval.embed import read_embeddings, write_embeddings
 

@@ -32,7 +32,7 @@ def pair_scores(image_ND: np.ndarray, text_MD: np.ndarray, text_to_image_M: np.n
 def _flat_index(gallery_ND: np.ndarray, use_gpu: bool):
     import faiss
 
-    from eval.index import to_gpu
+    from eval.gpu import to_gpu
 
     index = faiss.IndexFlatIP(gallery_ND.shape[1])
     index.add(np.ascontiguousarray(gallery_ND, dtype=np.float32))
@@ -221,9 +221,9 @@ def run_cli(args) -> dict:
     import json
     from pathlib import Path
 
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from eval.captioned import open_captioned
-    from eval.index import move_to_gpu
+    from eval.gpu import move_to_gpu
 
     if args.batch_size <= 0 or args.max_samples < 0:
         raise UserError("--batch-size must be > 0 and --max-samples >= 0")

@@ -177,8 +177,8 @@ def fetch_images(data_spec: str, keys: list[str]) -> dict:
 
 def run_cli(args) -> dict:
     """`contrastive search`: compose the query, search, print results, optionally write a grid and JSON."""
-    from contrastive.checkpoint import load_for_inference
-    from eval.index import move_to_gpu
+    from contrastive.loading import load_for_inference
+    from eval.gpu import move_to_gpu
 
     if args.k <= 0:
         raise UserError(f"-k must be > 0, got {args.k}")

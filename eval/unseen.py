@@ -64,7 +64,7 @@ def evaluate_models(models: list[tuple[str, str]], *, data: str, unseen: Sequenc
                     classes: Sequence[str] | None = None, label_field: str = "", batch_size: int = 256,
                     max_samples: int = 0) -> dict:
     """{"models": {name: metrics}} for each (name, run/checkpoint path), all on the same images and prompts."""
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from eval.zeroshot import LabelledImages, evaluate, load_templates
 
     images = LabelledImages(data, label_field=label_field, classes=classes, max_samples=max_samples)

@@ -383,8 +383,8 @@ def predict(bundle, paths: Sequence[str], classes: Sequence[str], templates, *, 
 def run_cli(args) -> dict:
     """`contrastive zeroshot`: evaluate a saved model on a labelled set (CLIP_benchmark-shaped JSON), or predict
     labels of single images with --predict."""
-    from contrastive.checkpoint import load_for_inference
-    from eval.index import move_to_gpu
+    from contrastive.loading import load_for_inference
+    from eval.gpu import move_to_gpu
 
     if args.top_k <= 0:
         raise UserError(f"--top-k must be > 0, got {args.top_k}")

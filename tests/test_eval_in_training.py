@@ -136,7 +136,7 @@ def test_evaluators_run_in_the_training_loop(tmp_path, tiny_overrides, eval_shar
     of a 1-process evaluation of the final checkpoint's weights (in the run's dtype). Under bf16 the images must
     enter in bf16; under ZeRO-3 the persistence threshold 0 partitions every parameter, as ZeRO-3 does to all
     but the smallest of a real model's, and evaluation must go through the module's forward."""
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from contrastive.config import EvaluatorConfig
     from eval.retrieval import RetrievalEvaluator
     from eval.zeroshot import LabelledImages, evaluate

@@ -133,7 +133,7 @@ def test_bf16_open_clip_export_stores_bf16_and_stays_close(run, synthetic_data, 
 
 
 def test_load_for_inference_and_reexport_accept_an_open_clip_export(run, tmp_path):
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
 
     run_dir, bundle = run
     out = tmp_path / "oc"

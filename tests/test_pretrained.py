@@ -119,7 +119,8 @@ def _copy_without_weights_link(src: Path, dst: Path) -> Path:
 
 def test_checkpoint_of_a_locked_pretrained_tower_loads_without_the_original_directory(tmp_path, minilm_dir,
                                                                                    tiny_overrides):
-    from contrastive.checkpoint import load_for_inference, load_full_state_dict
+    from contrastive.checkpoint import load_full_state_dict
+    from contrastive.loading import load_for_inference
     from contrastive.train import train
 
     copy_dir = _copy_without_weights_link(minilm_dir, tmp_path / "minilm")

@@ -30,7 +30,7 @@ def test_metrics_on_hand_made_logits():
 
 
 def test_cli_agrees_with_the_zero_shot_evaluator(tmp_path, tiny_overrides, synthetic_data, capsys):
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from contrastive.config import load_config
     from contrastive.train import train
     from eval.zeroshot import LabelledImages, evaluate, load_templates

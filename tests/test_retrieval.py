@@ -295,7 +295,7 @@ def _one_by_one(bundle, jpegs: list[bytes], captions: list[list[str]]):
 
 
 def test_retrieval_command_end_to_end(flickr_like, tmp_path, capsys):
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from contrastive.cli import main
     from contrastive.export import export
     from tests.test_search import save_random_model
@@ -343,7 +343,7 @@ def test_retrieval_command_end_to_end(flickr_like, tmp_path, capsys):
 def test_index_retrieval_metrics_pair_every_caption(flickr_like, tmp_path):
     """`index --retrieval-metrics` on a set with several captions per image (JSON lists and multi-line .txt)
     scores every caption of each image, not one text per sample."""
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from eval.embed import read_embeddings
     from eval.index import build_index_dir
     from tests.test_search import save_random_model

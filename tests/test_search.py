@@ -82,7 +82,7 @@ def test_index_directory_layout(built):
 
 
 def test_text_search_matches_brute_force(built, tmp_path, capsys):
-    from contrastive.checkpoint import load_for_inference
+    from contrastive.loading import load_for_inference
     from eval.embed import read_embeddings
     from eval.search import encode_texts
 
