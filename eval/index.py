@@ -431,8 +431,9 @@ def build_tuned_index(vectors_ND: np.ndarray, *, kind: str = "auto", exact_max: 
     else:
         exact_search = lambda q: exact_knn(q, vectors_ND, recall_k)  # noqa: E731
     can_fall_back = kind == "auto" and num * dim * 4 <= max_flat_bytes
-    # A larger nprobe is only slower: once the IVF index is no faster than exact search, stop looking.
-    min_qps = _qps(exact_search, queries_QD) if can_fall_back else 0.0
+    # A larger nprobe is only slower: once the IVF index is too slow to be kept, stop looking (with a factor-2
+    # margin, as this is one timing of each).
+    min_qps = min_speedup * _qps(exact_search, queries_QD) / 2 if can_fall_back else 0.0
     tuned = tune_nprobe(index, vectors_ND, query_sets, nlist=spec.nlist, k=recall_k, target=target_recall,
                         absent_N=held_out_N, min_qps=min_qps)
     params.nprobe, params.measured_recall, params.tuning = tuned["nprobe"], tuned["recall"], tuned["tuning"]
