@@ -17,7 +17,7 @@ configs/cifar10.yaml (cifar-convnet-xs, 128-d) on 2,000 images per class of the 
 minutes on 2 CPU cores, scored by zero-shot accuracy on the held-out split. Flickr8k photos go through the same
 model (downscaled to its 32 px).
 
-    flock /tmp/contrastive-heavy.lock .venv/bin/python bench/faiss_index.py --json bench_faiss.json
+    flock /tmp/contrastive-heavy.lock .venv/bin/python bench/faiss_index.py --threads 1 --repeats 5 --json bench_faiss.json
     .venv/bin/python bench/faiss_index.py --kinds clustered,uniform --num-vectors 20000 --dim 32   # quick check
 
 Letters in names: N indexed vectors, Q queries, D dim.
