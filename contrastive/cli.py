@@ -415,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--out", required=True, help="index directory to write")
     ix.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     ix.add_argument("--index-type", default="auto", choices=["auto", "flat", "ivf_flat", "ivf_pq"],
-                    help="FAISS index; auto chooses by size")
-    ix.add_argument("--exact-max", type=int, default=100_000, help="auto: exact search up to this many vectors")
+                    help="FAISS index; auto: exact up to --exact-max, else IVF when held-out vectors show it meets "
+                         "--target-recall at >= 2x exact search's speed")
+    ix.add_argument("--exact-max", type=int, default=20_000, help="auto: exact search up to this many vectors")
     ix.add_argument("--max-flat-gb", type=float, default=16.0,
                     help="auto: IVF-PQ instead of IVF-Flat when the float32 vectors pass this size")
     ix.add_argument("--nlist", type=int, default=0, help="IVF lists (0: the power of two nearest 4*sqrt(N))")

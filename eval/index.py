@@ -1,7 +1,11 @@
-"""FAISS index over embeddings: chosen by size, nprobe tuned to a target recall, saved with its parameters.
+"""FAISS index over embeddings: chosen and tuned on the data it holds, saved with its parameters.
 
-Exact inner-product search (IndexFlatIP) below `EXACT_MAX` vectors; above it IVF-Flat, or IVF-PQ when the raw
-vectors would pass a memory budget. On a machine where faiss sees a GPU the index is moved there with
+Exact inner-product search (IndexFlatIP) up to `EXACT_MAX` vectors. Above it an IVF index (IVF-Flat, or IVF-PQ
+when the raw vectors would pass a memory budget) is built without a held-out sample of the vectors, its nprobe
+tuned until recall@k against exact search on those held-out queries reaches the target, and both are timed on
+them; the automatic choice keeps the IVF index only when it meets the target at `MIN_SPEEDUP` times exact
+search's queries/s, else it falls back to exact search (near-uniform data, where no IVF setting is both right
+and fast). The held-out vectors are added once tuning is done. On a machine where faiss sees a GPU the index is moved there with
 `index_cpu_to_gpu` (never HNSW, which faiss's GPU code does not run). Everything goes through faiss's standard
 API, so an index written here opens in any faiss program.
 
@@ -22,7 +26,10 @@ from eval.gpu import gpu_available, move_to_gpu, to_gpu
 
 INDEX_FILE = "image.index"
 PARAMS_FILE = "index.json"
-EXACT_MAX = 100_000
+EXACT_MAX = 20_000
+# The automatic choice keeps an approximate index only when it answers the held-out queries at least this many
+# times faster than exact search: below that the exact answers are worth more than the time saved.
+MIN_SPEEDUP = 2.0
 # Sub-quantizer counts that faiss's GPU IVF-PQ supports; we only pick among these so an index moves to the GPU.
 GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
@@ -62,6 +69,8 @@ class IndexParams:
     tuning: list = field(default_factory=list)
     build_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # How the index was chosen: held-out queries, each candidate's recall and queries/s on them, the reason.
+    choice: dict = field(default_factory=dict)
 
 
 def default_nlist(num_vectors: int) -> int:
@@ -139,17 +148,30 @@ def _train_ivf_cpu(index, train_ND: np.ndarray, spec: IndexSpec, *, seed: int) -
     index.train(train_ND)  # skips the quantizer once it holds nlist centroids; trains PQ for IVF-PQ
 
 
-def _add(index, vectors_ND: np.ndarray, add_batch: int) -> None:
+def _add(index, vectors_ND: np.ndarray, add_batch: int, held_out_N: np.ndarray | None = None) -> None:
+    """Add the rows (all, or those not marked in held_out_N, under their row numbers as ids) block by block, so
+    no second copy of the collection is made."""
     for start in range(0, len(vectors_ND), add_batch):
-        index.add(np.ascontiguousarray(vectors_ND[start:start + add_batch], dtype=np.float32))
+        block = vectors_ND[start:start + add_batch]
+        if held_out_N is None:
+            index.add(np.ascontiguousarray(block, dtype=np.float32))
+            continue
+        keep = ~held_out_N[start:start + len(block)]
+        index.add_with_ids(np.ascontiguousarray(block[keep], dtype=np.float32),
+                           np.arange(start, start + len(block), dtype=np.int64)[keep])
 
 
 def build_index(vectors_ND: np.ndarray, spec: IndexSpec, *, seed: int = 0, add_batch: int = 262_144,
-                use_gpu: bool = True):
-    """A trained, filled faiss index for `vectors_ND` (float32, L2-normalised rows); on the GPU if there is one."""
+                use_gpu: bool = True, held_out_N: np.ndarray | None = None):
+    """A trained, filled faiss index for `vectors_ND` (float32, L2-normalised rows); on the GPU if there is one.
+
+    held_out_N (IVF only): a bool mask of rows left out of training and of the index, to be tuned on as queries
+    the index does not hold and added afterwards (`add_held_out`); ids are row numbers either way.
+    """
     import faiss
 
     num, dim = vectors_ND.shape
+    assert held_out_N is None or spec.kind != "flat", "a flat index needs no held-out tuning"
     index = faiss.index_factory(dim, spec.factory(), faiss.METRIC_INNER_PRODUCT)
     train_ND = None
     if spec.kind != "flat":
@@ -158,8 +180,10 @@ def build_index(vectors_ND: np.ndarray, spec: IndexSpec, *, seed: int = 0, add_b
         if hasattr(ivf, "do_polysemous_training"):
             ivf.do_polysemous_training = False  # the factory turns it on; it costs minutes and we never use it
         rng = np.random.default_rng(seed)
-        num_train = min(num, max(64 * spec.nlist, 2**16))
-        sample = np.sort(rng.choice(num, size=num_train, replace=False)) if num_train < num else np.arange(num)
+        trainable = np.arange(num) if held_out_N is None else np.flatnonzero(~held_out_N)
+        num_train = min(len(trainable), max(64 * spec.nlist, 2**16))
+        sample = (np.sort(rng.choice(trainable, size=num_train, replace=False)) if num_train < len(trainable)
+                  else trainable)
         train_ND = np.ascontiguousarray(vectors_ND[sample], dtype=np.float32)
     if use_gpu and gpu_available():
         gpu_index = to_gpu(index)
@@ -167,14 +191,20 @@ def build_index(vectors_ND: np.ndarray, spec: IndexSpec, *, seed: int = 0, add_b
             try:
                 if train_ND is not None:
                     gpu_index.train(train_ND)
-                _add(gpu_index, vectors_ND, add_batch)
+                _add(gpu_index, vectors_ND, add_batch, held_out_N)
                 return gpu_index
             except Exception as e:
                 print(f"faiss: building on the CPU instead ({type(e).__name__}: {str(e).splitlines()[0]})")
     if train_ND is not None:
         _train_ivf_cpu(index, train_ND, spec, seed=seed)
-    _add(index, vectors_ND, add_batch)
+    _add(index, vectors_ND, add_batch, held_out_N)
     return index
+
+
+def add_held_out(index, vectors_ND: np.ndarray, held_out_N: np.ndarray) -> None:
+    """Add the rows build_index held out, under their row numbers, so the index holds every vector."""
+    ids = np.flatnonzero(held_out_N).astype(np.int64)
+    index.add_with_ids(np.ascontiguousarray(vectors_ND[ids], dtype=np.float32), ids)
 
 
 def exact_knn(queries_QD: np.ndarray, base_ND: np.ndarray, k: int, *, chunk: int = 4096):
@@ -223,18 +253,21 @@ def knn_recall(approx_I_QK: np.ndarray, exact_I_QK: np.ndarray) -> float:
 
 
 def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: int = 10,
-                target: float = 0.95) -> dict:
+                target: float = 0.95, absent_N: np.ndarray | None = None, min_qps: float = 0.0) -> dict:
     """Smallest nprobe whose recall@k against exact search reaches `target` on every query set, with 95%
     confidence: the mean over the sample minus 1.96 standard errors must reach it, so that queries the tuning
     never saw reach it too. Doubles nprobe from 1 until it passes, then bisects between the last failing and
     the first passing value (to within an eighth).
 
     query_sets: {name: (queries_QD, exclude_Q or None)}; a query drawn from the base excludes itself (its own
-    id), so recall is measured on true neighbours, not on finding the query. Returns {"nprobe", "recall",
-    "tuning": [{"nprobe", "recall": {name: r}, "recall_lower": {name: r}, "qps"}]}; when no nprobe reaches the
-    target, the best one.
+    id), so recall is measured on true neighbours, not on finding the query. absent_N: rows of base_ND the index
+    does not hold (held-out queries), left out of the exact reference. min_qps: stop once an nprobe answers
+    slower than this (a larger one is slower still). Returns {"nprobe", "recall", "passes", "tuning":
+    [{"nprobe", "recall": {name: r}, "recall_lower": {name: r}, "qps"}]}; when no nprobe reaches the target,
+    the best one.
     """
-    truth = {name: search_excluding_exact(base_ND, q, k, ex) for name, (q, ex) in query_sets.items()}
+    truth = {name: search_excluding_exact(base_ND, q, k, ex, absent_N=absent_N)
+             for name, (q, ex) in query_sets.items()}
     table = []
 
     def measure(nprobe: int) -> dict:
@@ -266,6 +299,8 @@ def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: 
             passing = row
             break
         failing = nprobe
+        if row["qps"] < min_qps:
+            break
         nprobe *= 2
     if passing is not None:
         while passing["nprobe"] - failing > max(1, passing["nprobe"] // 8):
@@ -277,45 +312,130 @@ def tune_nprobe(index, base_ND: np.ndarray, query_sets: dict, *, nlist: int, k: 
         best = passing
     table.sort(key=lambda r: r["nprobe"])
     set_nprobe(index, best["nprobe"])
-    return {"nprobe": best["nprobe"], "recall": min(best["recall"].values()), "tuning": table}
+    return {"nprobe": best["nprobe"], "recall": min(best["recall"].values()), "passes": best["passes"],
+            "tuning": table}
 
 
-def search_excluding_exact(base_ND: np.ndarray, queries_QD: np.ndarray, k: int, exclude_Q=None) -> np.ndarray:
-    """Exact top-k ids with the excluded id dropped (reference for tuning)."""
-    _, I = exact_knn(queries_QD, base_ND, k + (exclude_Q is not None))
-    if exclude_Q is None:
-        return I
-    return I[_keep_mask(I, exclude_Q)].reshape(len(I), k)
+def search_excluding_exact(base_ND: np.ndarray, queries_QD: np.ndarray, k: int, exclude_Q=None, *,
+                           absent_N: np.ndarray | None = None) -> np.ndarray:
+    """Exact top-k ids with the excluded id dropped (reference for tuning); with absent_N (a bool mask over the
+    rows), over the rows the index holds only: the first k present ids of a deeper exact search, deepened until
+    every query has k of them."""
+    if absent_N is None or not absent_N.any():
+        _, I = exact_knn(queries_QD, base_ND, k + (exclude_Q is not None))
+        if exclude_Q is None:
+            return I
+        return I[_keep_mask(I, exclude_Q)].reshape(len(I), k)
+    depth = k + 16
+    while True:
+        depth = min(depth, len(base_ND))
+        _, I = exact_knn(queries_QD, base_ND, depth)
+        keep = ~absent_N[I]
+        if exclude_Q is not None:
+            keep &= I != np.asarray(exclude_Q)[:, None]
+        if (keep.sum(axis=1) >= k).all() or depth == len(base_ND):
+            break
+        depth *= 4
+    assert (keep.sum(axis=1) >= k).all(), "fewer than k vectors are present"
+    first_present = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # present ids first, in rank order
+    return np.take_along_axis(I, first_present, axis=1)
+
+
+def _qps(search, queries_QD: np.ndarray) -> float:
+    """Queries per second of one search call over all of queries_QD."""
+    start = time.perf_counter()
+    search(queries_QD)
+    return len(queries_QD) / max(time.perf_counter() - start, 1e-9)
 
 
 def build_tuned_index(vectors_ND: np.ndarray, *, kind: str = "auto", exact_max: int = EXACT_MAX,
                       max_flat_bytes: float = 16 * 2**30, nlist: int = 0, target_recall: float = 0.95,
                       recall_k: int = 10, num_tune_queries: int = 1000, extra_queries_QD: np.ndarray | None = None,
-                      seed: int = 0, use_gpu: bool = True):
-    """Choose, build and (for IVF) tune an index. Returns (index, IndexParams).
+                      seed: int = 0, use_gpu: bool = True, min_speedup: float = MIN_SPEEDUP,
+                      timing_repeats: int = 3):
+    """Choose, build and (for IVF) tune an index over vectors_ND (float32, unit rows). Returns (index, IndexParams).
 
-    Tuning queries: `num_tune_queries` vectors sampled from the indexed data (each excluding itself) and, when
-    given, as many of `extra_queries_QD` (e.g. text embeddings, the other side of text->image search).
+    IVF: `num_tune_queries` of the vectors (at most a tenth) are held out of the index, nprobe is tuned on them
+    as queries the index does not hold (and on as many of `extra_queries_QD`, e.g. text embeddings, the other
+    side of text->image search), then they are added. The IVF index and exact search are timed on the held-out
+    queries (interleaved, best of `timing_repeats`). kind "auto" keeps the IVF index only when it meets the
+    target at >= `min_speedup` times exact search's queries/s, and otherwise falls back to exact search, unless
+    the vectors pass `max_flat_bytes` (IVF-PQ then stays, below target if need be). `params.choice` records
+    the candidates measured and the reason.
     """
     start = time.perf_counter()
     num, dim = vectors_ND.shape
     spec = choose_spec(num, dim, kind=kind, exact_max=exact_max, max_flat_bytes=max_flat_bytes, nlist=nlist)
-    index = build_index(vectors_ND, spec, seed=seed, use_gpu=use_gpu)
     params = IndexParams(type=spec.kind, factory=spec.factory(), dim=dim, count=num, nlist=spec.nlist, m=spec.m,
                          recall_k=recall_k, target_recall=target_recall)
-    if spec.kind != "flat":
-        rng = np.random.default_rng(seed + 1)
-        ids = rng.choice(num, size=min(num_tune_queries, num), replace=False)
-        query_sets = {"indexed": (vectors_ND[ids].astype(np.float32), ids)}
-        if extra_queries_QD is not None and len(extra_queries_QD):
-            extra = rng.choice(len(extra_queries_QD), size=min(num_tune_queries, len(extra_queries_QD)),
-                               replace=False)
-            query_sets["extra"] = (extra_queries_QD[extra].astype(np.float32), None)
-        tuned = tune_nprobe(index, vectors_ND, query_sets, nlist=spec.nlist, k=recall_k,
-                            target=target_recall)
-        params.nprobe, params.measured_recall, params.tuning = tuned["nprobe"], tuned["recall"], tuned["tuning"]
-    else:
+    if spec.kind == "flat":
+        index = build_index(vectors_ND, spec, seed=seed, use_gpu=use_gpu)
         params.measured_recall = 1.0
+        params.choice = {"chosen": "Flat", "reason": (f"{num} vectors, at most exact_max {exact_max}"
+                                                      if kind == "auto" else "asked for")}
+        params.build_seconds = round(time.perf_counter() - start, 3)
+        return index, params
+
+    rng = np.random.default_rng(seed + 1)
+    held_out_N = np.zeros(num, dtype=bool)
+    held_out_N[rng.choice(num, size=max(1, min(num_tune_queries, num // 10)), replace=False)] = True
+    index = build_index(vectors_ND, spec, seed=seed, use_gpu=use_gpu, held_out_N=held_out_N)
+    queries_QD = np.ascontiguousarray(vectors_ND[held_out_N], dtype=np.float32)
+    query_sets = {"held_out": (queries_QD, None)}
+    if extra_queries_QD is not None and len(extra_queries_QD):
+        extra = rng.choice(len(extra_queries_QD), size=min(num_tune_queries, len(extra_queries_QD)), replace=False)
+        query_sets["extra"] = (extra_queries_QD[extra].astype(np.float32), None)
+
+    # Exact search on the device the IVF index is on: a GPU flat index (which is also the fallback there), or
+    # faiss.knn over the array itself on the CPU (the same kernel as IndexFlatIP, without copying the vectors).
+    exact_index = None
+    if "Gpu" in type(index).__name__:  # the GPU branch runs in bench/gpu_check.py and against tests' stand-in
+        exact_index = build_index(vectors_ND, IndexSpec("flat"), use_gpu=True)
+        exact_search = lambda q: exact_index.search(q, recall_k)  # noqa: E731
+    else:
+        exact_search = lambda q: exact_knn(q, vectors_ND, recall_k)  # noqa: E731
+    can_fall_back = kind == "auto" and num * dim * 4 <= max_flat_bytes
+    # A larger nprobe is only slower: once the IVF index is too slow to be kept, stop looking (with a factor-2
+    # margin, as this is one timing of each).
+    min_qps = min_speedup * _qps(exact_search, queries_QD) / 2 if can_fall_back else 0.0
+    tuned = tune_nprobe(index, vectors_ND, query_sets, nlist=spec.nlist, k=recall_k, target=target_recall,
+                        absent_N=held_out_N, min_qps=min_qps)
+    params.nprobe, params.measured_recall, params.tuning = tuned["nprobe"], tuned["recall"], tuned["tuning"]
+    qps_exact, qps_ivf = [], []
+    for _ in range(timing_repeats):  # interleaved, so both see the same machine load
+        qps_exact.append(_qps(exact_search, queries_QD))
+        qps_ivf.append(_qps(lambda q: index.search(q, recall_k), queries_QD))
+    speedup = max(qps_ivf) / max(qps_exact)
+    row = next(r for r in tuned["tuning"] if r["nprobe"] == tuned["nprobe"])
+    choice = {"held_out_queries": len(queries_QD),
+              "extra_queries": len(query_sets["extra"][0]) if "extra" in query_sets else 0,
+              "min_speedup": min_speedup,
+              "candidates": [{"factory": "Flat", "recall": 1.0, "qps": round(max(qps_exact), 1)},
+                             {"factory": spec.factory(), "nprobe": tuned["nprobe"],
+                              "recall": round(tuned["recall"], 4),
+                              "recall_lower": round(min(row["recall_lower"].values()), 4),
+                              "qps": round(max(qps_ivf), 1), "speedup": round(speedup, 2)}]}
+    meets = tuned["passes"]
+    if can_fall_back and not (meets and speedup >= min_speedup):
+        del index
+        index = exact_index if exact_index is not None else build_index(vectors_ND, IndexSpec("flat"),
+                                                                          use_gpu=use_gpu)
+        why = (f"no nprobe measured reached recall@{recall_k} {target_recall} on the held-out queries (best: "
+               f"{tuned['recall']:.3f} at nprobe {tuned['nprobe']}, {speedup:.2f}x exact search)" if not meets else
+               f"at recall@{recall_k} {target_recall} it was only {speedup:.2f}x exact search (< {min_speedup}x)")
+        params.type, params.factory, params.nlist, params.m, params.nprobe = "flat", "Flat", 0, 0, 0
+        params.measured_recall = 1.0
+        choice.update(chosen="Flat", reason=f"{spec.factory()}: {why}; exact search instead")
+    else:
+        add_held_out(index, vectors_ND, held_out_N)
+        if kind != "auto":
+            reason = "asked for"
+        elif meets:
+            reason = f"recall@{recall_k} >= {target_recall} on the held-out queries at {speedup:.1f}x exact search"
+        else:
+            reason = f"below the target, but {num * dim * 4 / 2**30:.1f} GiB of vectors pass the exact-search budget"
+        choice.update(chosen=spec.factory(), reason=reason)
+    params.choice = choice
     params.build_seconds = round(time.perf_counter() - start, 3)
     return index, params
 

@@ -1,12 +1,13 @@
 """FAISS index choice, nprobe tuning against exact search, and save / reload / query round trips."""
 import json
+import sys
 
 import numpy as np
 import pytest
 
 from contrastive.errors import UserError
 from eval.index import (IndexSpec, build_tuned_index, choose_spec, default_nlist, exact_knn, knn_recall,
-                        load_index, save_index, search_excluding)
+                        load_index, save_index, search_excluding, set_nprobe)
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def clustered(num: int, dim: int, *, num_clusters: int, noise: float, seed: int)
 
 
 def test_index_type_follows_size():
-    assert choose_spec(50_000, 512).kind == "flat"
+    assert choose_spec(20_000, 512).kind == "flat" and choose_spec(20_001, 512).kind == "ivf_flat"
     spec = choose_spec(1_000_000, 512)
     assert spec == IndexSpec("ivf_flat", nlist=4096) and spec.factory() == "IVF4096,Flat"
     pq = choose_spec(1_000_000, 512, max_flat_bytes=1e9)
@@ -51,6 +52,61 @@ def test_tuned_ivf_reaches_the_target_on_fresh_queries():
     _, approx = index.search(fresh, 10)
     _, exact = exact_knn(fresh, base, 10)
     assert knn_recall(approx, exact) >= 0.95
+
+
+def uniform(num: int, dim: int, *, seed: int) -> np.ndarray:
+    """Unit vectors uniform on the sphere: no clusters for an IVF index to exploit, the hard case."""
+    x = np.random.default_rng(seed).normal(size=(num, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_auto_choice_meets_the_target_on_held_out_queries_of_uniform_vectors():
+    """The automatic choice tunes on vectors it holds out of the index; fresh queries then reach the target.
+    min_speedup 0 keeps the IVF index whatever the timing, so the test checks the tuning, not this machine."""
+    base = uniform(20_000, 16, seed=5)
+    index, params = build_tuned_index(base, exact_max=10_000, nlist=128, num_tune_queries=500, min_speedup=0.0)
+    assert params.type == "ivf_flat" and params.choice["chosen"] == "IVF128,Flat" and index.ntotal == 20_000
+    assert params.choice["held_out_queries"] == 500 and params.measured_recall >= 0.95
+    fresh = uniform(1_000, 16, seed=6)
+    _, exact = exact_knn(fresh, base, 10)
+    _, approx = index.search(fresh, 10)
+    assert knn_recall(approx, exact) >= 0.95
+    # Tuning is what gets it there: on these vectors the untuned nprobe finds well under half.
+    set_nprobe(index, 1)
+    assert knn_recall(index.search(fresh, 10)[1], exact) < 0.5
+    # The held-out vectors were added back under their own row numbers.
+    _, top1 = index.search(base, 1)
+    assert (top1[:, 0] == np.arange(20_000)).all()
+
+
+def test_auto_choice_falls_back_to_exact_search_unless_memory_forbids_it():
+    base = uniform(20_000, 16, seed=5)
+    index, params = build_tuned_index(base, exact_max=10_000, nlist=128, num_tune_queries=500, min_speedup=1e9)
+    assert params.type == "flat" and params.nprobe == 0 and params.measured_recall == 1.0
+    import faiss
+
+    assert type(index) is faiss.IndexFlat and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    assert index.ntotal == 20_000
+    assert params.choice["chosen"] == "Flat" and "exact search instead" in params.choice["reason"]
+    assert [c["factory"] for c in params.choice["candidates"]] == ["Flat", "IVF128,Flat"]
+    assert len(params.tuning) == 1  # tuning stops at the first nprobe too slow to be kept
+    # Past the memory budget for raw vectors there is no exact fallback: the IVF-PQ index stays.
+    pq, pq_params = build_tuned_index(base, exact_max=10_000, nlist=64, max_flat_bytes=1e5, num_tune_queries=200,
+                                      min_speedup=1e9)
+    assert pq_params.type == "ivf_pq" and pq.ntotal == 20_000 and pq_params.choice["chosen"].startswith("IVF64,PQ")
+
+
+def test_exact_reference_leaves_out_rows_the_index_does_not_hold():
+    from eval.index import search_excluding_exact
+
+    base = uniform(3_000, 8, seed=7)
+    absent = np.zeros(3_000, dtype=bool)
+    absent[np.random.default_rng(0).choice(3_000, 600, replace=False)] = True
+    queries = base[absent][:100]
+    # Reference: exact search over the present rows only, mapped back to row numbers.
+    present = np.flatnonzero(~absent)
+    _, I = exact_knn(queries, base[present], 10)
+    assert (search_excluding_exact(base, queries, 10, absent_N=absent) == present[I]).all()
 
 
 def test_search_excluding_drops_only_the_given_id():
@@ -96,7 +152,7 @@ def test_missing_or_partial_index_directories(tmp_path):
         load_index(tmp_path)
 
 
-def test_benchmark_script_runs_small(tmp_path, capsys):
+def test_benchmark_script_runs_small(tmp_path, capsys, monkeypatch):
     """bench/faiss_index.py at a small size, so the script does not rot between full runs."""
     import importlib.util
 
@@ -104,14 +160,17 @@ def test_benchmark_script_runs_small(tmp_path, capsys):
 
     spec = importlib.util.spec_from_file_location("bench_faiss_index", REPO / "bench" / "faiss_index.py")
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks its module up there
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    assert bench.main(["--num-vectors", "8000", "--dim", "32", "--num-queries", "200", "--index-type", "ivf_flat",
-                       "--repeats", "1", "--json", str(out)]) == 0
+    assert bench.main(["--kinds", "clustered,uniform", "--num-vectors", "8000", "--dim", "32", "--num-queries",
+                       "200", "--index-type", "ivf_flat", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["index"].startswith("IVF") and result["cpu"]["recall@10"] >= 0.9
-    assert result["cpu"]["qps_exact"] > 0 and result["cpu"]["speedup"] > 1
-    assert "x faster at recall@10" in capsys.readouterr().out
+    assert [r["kind"] for r in result["kinds"]] == ["clustered", "uniform"]
+    for r in result["kinds"]:
+        assert r["index"].startswith("IVF") and r["num_vectors"] == 8000 and r["num_queries"] == 200
+        assert r["cpu"]["recall@10"] >= 0.9 and r["cpu"]["qps_exact"] > 0 and r["cpu"]["qps_chosen"] > 0
+    assert "| uniform | 8,000 x 32 | IVF" in capsys.readouterr().out
 
 
 class _FakeGpu:
@@ -160,14 +219,16 @@ def test_gpu_path_moves_indexes_and_falls_back_to_the_cpu(monkeypatch, tmp_path)
     assert gpu_available()
     base = clustered(3_000, 16, num_clusters=10, noise=0.5, seed=4)
     index, params = build_tuned_index(base, kind="ivf_flat", nlist=8, num_tune_queries=100)
-    assert isinstance(index, gpu_type) and index.ntotal == 3_000 and fake.options == [False]
+    # Two moves: the IVF index, and the flat index exact search is timed against on the same device.
+    assert isinstance(index, gpu_type) and index.ntotal == 3_000 and fake.options == [False, False]
     save_index(index, params, tmp_path)  # written through index_gpu_to_cpu
     loaded, _ = load_index(tmp_path)
     import faiss
 
     assert isinstance(loaded, gpu_type) and faiss.extract_index_ivf(loaded.index).nprobe == params.nprobe
+    moved = len(fake.options)
     pq, _ = build_tuned_index(base, kind="ivf_pq", nlist=8, num_tune_queries=100)
-    assert fake.options[-1] is True
+    assert fake.options[moved:] == [True, False]  # float16 tables for the IVF-PQ index, not for the flat one
     fake.fail = True
     cpu = build_tuned_index(base, kind="flat")[0]
     assert to_gpu(cpu) is cpu
