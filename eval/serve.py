@@ -27,7 +27,7 @@ from typing import Literal, Union
 from urllib.parse import quote, unquote
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contrastive.errors import UserError
 
@@ -58,11 +58,16 @@ class ApiError(Exception):
 
 
 class Term(BaseModel):
-    """One plus or minus text; its weight multiplies its embedding."""
+    """One plus or minus text; its weight multiplies its embedding. A plain string is a term of weight 1."""
 
     model_config = ConfigDict(extra="forbid")
     text: str
     weight: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"text": value} if isinstance(value, str) else value
 
 
 class SearchRequest(BaseModel):
@@ -72,8 +77,8 @@ class SearchRequest(BaseModel):
     text: Union[str, list[str], None] = None
     image: Union[str, None] = None  # base64, or a data: URL
     image_key: Union[str, None] = None  # the key of an indexed image: its stored embedding is the query image
-    minus: list[Union[str, Term]] = []
-    plus: list[Union[str, Term]] = []
+    minus: list[Term] = []
+    plus: list[Term] = []
     weight: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
     k: int = 10
     modality: Literal["image", "text"] = "image"
@@ -166,9 +171,7 @@ class SearchService:
             raise ApiError(400, f"k must be between 1 and {lim.max_k}, got {request.k}")
         texts = [request.text] if isinstance(request.text, str) else list(request.text or [])
         texts = [t for t in texts if t.strip()]
-        plus = [t if isinstance(t, Term) else Term(text=t) for t in request.plus]
-        minus = [t if isinstance(t, Term) else Term(text=t) for t in request.minus]
-        plus, minus = [t for t in plus if t.text.strip()], [t for t in minus if t.text.strip()]
+        plus, minus = [t for t in request.plus if t.text.strip()], [t for t in request.minus if t.text.strip()]
         for name, group in (("text", texts), ("plus", plus), ("minus", minus)):
             if len(group) > lim.max_terms:
                 raise ApiError(400, f"{name}: at most {lim.max_terms} texts, got {len(group)}")
@@ -306,7 +309,7 @@ def create_app(service: SearchService, *, token: str | None = None):
         image_bytes = None
         if content_type == "multipart/form-data":
             request._body = body  # parse the body already read (and size-checked) above
-            form = await request.form(max_files=1, max_fields=1, max_part_size=lim.max_body_bytes)
+            form = await request.form(max_files=1, max_fields=8, max_part_size=lim.max_body_bytes)
             unknown = set(form.keys()) - {"query", "image"}
             if unknown:
                 raise ApiError(400, f"unknown form field {sorted(unknown)[0]!r}; send 'query' (JSON) and 'image'")
