@@ -16,6 +16,15 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 
+def build_index(root, data: str):
+    """(model, index): a tiny random model and an exact index, with captions, of `data`."""
+    model = save_random_model(root / "model", "tiny-vit-32")
+    index = root / "index"
+    assert main(["index", "--model", str(model), "--data", data, "--out", str(index), "--batch-size", "64",
+                 "--text"]) == 0
+    return model, index
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, synthetic_data):
     """A tiny random model, an exact index (with captions) of the 128 validation samples, the service on it."""
@@ -24,10 +33,7 @@ def served(tmp_path_factory, synthetic_data):
     from eval.serve import Limits, SearchService, create_app
 
     root = tmp_path_factory.mktemp("serve")
-    model = save_random_model(root / "model", "tiny-vit-32")
-    index = root / "index"
-    assert main(["index", "--model", str(model), "--data", synthetic_data["val"], "--out", str(index),
-                 "--batch-size", "64", "--text"]) == 0
+    model, index = build_index(root, synthetic_data["val"])
     # A 3 KB upload limit: the synthetic 32 px JPEGs (~1.3 KB) pass, a 64 px noise PNG does not.
     service = SearchService(index, limits=Limits(max_k=20, max_upload_bytes=3000))
     client = TestClient(create_app(service), raise_server_exceptions=False)
