@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", default=None, help="model for the queries (default: the one named in index.json)")
     sv.add_argument("--max-k", type=int, default=100, help="the most results one query may ask for")
     sv.add_argument("--max-upload-mb", type=float, default=10.0, help="the largest query image accepted, in MiB")
+    sv.add_argument("--concurrent-queries", type=int, default=os.cpu_count() or 1,
+                    help="queries embedded and searched at once, one thread each")
     sv.set_defaults(func=cmd_serve)
 
     ar = sub.add_parser("arith-eval", help="Recall@k of embedding arithmetic on attribute-labelled data",
