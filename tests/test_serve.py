@@ -305,3 +305,23 @@ def test_serve_command_errors_are_one_line(served, tmp_path, capsys):
     assert "does not exist" in err and len(err.splitlines()) == 1
     assert main(["serve", "--index", str(served["index"]), "--model", str(tmp_path / "gone")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_load_benchmark_runs_small(tmp_path, capsys):
+    """bench/serve_load.py at a small size (a real `contrastive serve` on loopback), so it does not rot."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_serve_load", REPO / "bench" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "load.json"
+    assert bench.main(["--num-vectors", "3000", "--model", "tiny-vit-32", "--requests", "12", "--warmup", "2",
+                       "--concurrency", "1,3", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_vectors"] == 3000 and result["index"] == "Flat"
+    rows = {(r["kind"], r["concurrency"]): r for r in result["rows"]}
+    assert set(rows) == {(k, c) for k in ("text", "image", "arithmetic") for c in (1, 3)}
+    assert all(r["errors"] == 0 and r["requests"] == 12 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows.values())
+    assert "p99 ms" in capsys.readouterr().out
