@@ -117,7 +117,7 @@ function render(hits, modality) {
     node.querySelector(".score").textContent = `#${hit.rank} · score ${hit.score.toFixed(3)}` +
       (modality === "text" ? " · caption match" : "");
     node.querySelector(".attributes").textContent = Object.entries(hit.attributes || {})
-      .filter(([, v]) => typeof v !== "object").map(([k, v]) => `${k}: ${v}`).join(" · ");
+      .filter(([, v]) => typeof v !== "object" && String(v) !== hit.key).map(([k, v]) => `${k}: ${v}`).join(" · ");
     const more = node.querySelector(".more-like");
     more.setAttribute("aria-label", `search for images like ${hit.key}`);
     more.addEventListener("click", () => {
