@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import ipaddress
@@ -121,12 +122,17 @@ class SearchService:
         self.bundle, self.model_info = load_for_inference(self.model_path)
         move_to_gpu(self.bundle)
         self.gallery.check_model(self.bundle.model)
-        if self.gallery.has_text_index:
-            self.gallery.text_index  # loaded now, not in the first caption query
         self.images = ImageStore(self.gallery.dir, self.gallery.params.count)
+        indexes = [self.gallery.index]
+        if self.gallery.has_text_index:
+            indexes.append(self.gallery.text_index)  # loaded now, not in the first caption query
         # At most `concurrent_queries` queries in the towers and the index at once (torch and faiss release the
         # GIL there); `contrastive serve` gives each one thread (see run_cli).
         self._slots = threading.BoundedSemaphore(concurrent_queries)
+        # faiss's GPU indexes must not be searched from two threads at once (its CPU indexes may); no CPU test
+        # reaches this branch: it follows faiss's documentation.
+        on_gpu = any("Gpu" in type(index).__name__ for index in indexes)
+        self._search_lock = threading.Lock() if on_gpu else contextlib.nullcontext()
         self._threads_per_query = threads_per_query
         self._thread_configured = threading.local()
         # Metadata as plain lists: a hit's record in microseconds (a pandas row lookup costs ~0.1 ms).
@@ -212,8 +218,9 @@ class SearchService:
                     minus_weights=np.array([t.weight for t in minus]))
             except UserError as e:  # the plus and minus texts cancel out
                 raise ApiError(400, str(e)) from None
-            hits, excluded = rank(self.gallery, query_D, k=request.k, modality=request.modality, image_D=image_D,
-                                  exclude_row=exclude_row)
+            with self._search_lock:
+                hits, excluded = rank(self.gallery, query_D, k=request.k, modality=request.modality,
+                                      image_D=image_D, exclude_row=exclude_row)
         return {"modality": request.modality, "results": [self.hit(i + 1, row, score) for i, (row, score)
                                                           in enumerate(hits)],
                 "excluded_as_query_image": excluded, "took_ms": round(1000 * (time.perf_counter() - start), 2)}
