@@ -467,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind; another than loopback prints a warning")
     sv.add_argument("--port", type=int, default=8000, help="port to bind")
     sv.add_argument("--token", default=None,
-                    help="require 'Authorization: Bearer TOKEN' (default: $CONTRASTIVE_TOKEN if set, else none)")
-    sv.add_argument("--model", default=None, help="model for the queries (default: the one named in index.json)")
+                    help="require 'Authorization: Bearer TOKEN'; None: $CONTRASTIVE_TOKEN if set, else no token")
+    sv.add_argument("--model", default=None, help="model for the queries; None: the one named in index.json")
     sv.add_argument("--max-k", type=int, default=100, help="the most results one query may ask for")
     sv.add_argument("--max-upload-mb", type=float, default=10.0, help="the largest query image accepted, in MiB")
     sv.add_argument("--concurrent-queries", type=int, default=os.cpu_count() or 1,
