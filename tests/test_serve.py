@@ -325,3 +325,39 @@ def test_load_benchmark_runs_small(tmp_path, capsys):
     assert set(rows) == {(k, c) for k in ("text", "image", "arithmetic") for c in (1, 3)}
     assert all(r["errors"] == 0 and r["requests"] == 12 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows.values())
     assert "p99 ms" in capsys.readouterr().out
+
+
+def test_locations_of_repeated_keys_skipped_samples_and_compressed_shards(tmp_path):
+    """Each index row finds its own sample: a key repeated in two shards maps in order, a sample the index
+    skipped (no image) is passed over, the image member is chosen as eval/embed.py chooses it (jpg before png),
+    and a gzip-compressed shard gives no location rather than a wrong one."""
+    import gzip
+
+    from eval.embed import IMAGE_KEYS
+    from eval.image_store import record_locations
+
+    def write_tar(path, members):
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    write_tar(tmp_path / "a.tar", [("k1.jpg", b"A1"), ("k1.txt", b"x"), ("k2.txt", b"no image"),
+                                   ("k3.png", b"A3png"), ("k3.jpg", b"A3jpg"), ("k3.txt", b"x")])
+    write_tar(tmp_path / "b.tar", [("k1.jpg", b"B1"), ("k1.txt", b"x"), ("d/k4.webp", b"B4"),
+                                   ("d/k4.txt", b"x")])
+    write_tar(tmp_path / "c.tar", [("k5.jpg", b"C5"), ("k5.txt", b"x")])
+    (tmp_path / "c.tar.gz").write_bytes(gzip.compress((tmp_path / "c.tar").read_bytes()))
+    spec = f"{tmp_path}/{{a,b}}.tar::{tmp_path}/c.tar.gz"
+    frame = record_locations(spec, ["k1", "k3", "k1", "d/k4", "k5"], image_exts=tuple(IMAGE_KEYS.split(";")))
+
+    def read(row):
+        with open(frame["shard"][row], "rb") as f:
+            f.seek(frame["offset"][row])
+            return f.read(frame["size"][row])
+
+    assert [read(row) for row in range(4)] == [b"A1", b"A3jpg", b"B1", b"B4"]
+    assert frame["ext"].tolist()[:4] == ["jpg", "jpg", "jpg", "webp"]
+    assert frame["shard"][0].endswith("a.tar") and frame["shard"][2].endswith("b.tar")
+    assert frame["offset"][4] == -1 and frame["shard"][4] == ""
