@@ -175,7 +175,7 @@ def cmd_index(args) -> int:
     params = build_index_dir(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size,
                              kind=args.index_type, target_recall=args.target_recall, nlist=args.nlist,
                              max_flat_gb=args.max_flat_gb, exact_max=args.exact_max, overwrite=args.overwrite,
-                             seed=args.seed, retrieval_metrics=args.retrieval_metrics)
+                             seed=args.seed, retrieval_metrics=args.retrieval_metrics, text_index=args.text)
     emb = params.extra["embeddings"]
     probe = f", nprobe {params.nprobe}" if params.nprobe else ""
     print(f"indexed {params.count} images ({emb['num_skipped']} skipped) as {params.factory}{probe}: "
@@ -202,6 +202,13 @@ def cmd_search(args) -> int:
     for flag, label in ((args.json, "results"), (args.grid, "grid")):
         if flag:
             print(f"{label}: {flag}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from eval.serve import run_cli
+
+    run_cli(args)
     return 0
 
 
@@ -428,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--retrieval-metrics", action="store_true",
                     help="also compute image<->text Recall@1/5/10 of the indexed pairs (exact, chunked through "
                          "FAISS) into OUT/retrieval.json")
+    ix.add_argument("--text", action="store_true",
+                    help="also index the captions (text.index), so that `search --modality text` and the "
+                         "service can answer a query with captions")
     ix.set_defaults(func=cmd_index)
 
     se = sub.add_parser("search", help="search an index by text, image, or embedding arithmetic",
@@ -443,9 +453,28 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--minus", action="append", default=None, metavar="T", help="text to subtract (repeatable)")
     se.add_argument("--weight", type=float, default=1.0, help="W: weight of the texts added to an image")
     se.add_argument("-k", type=int, default=10, help="results to return")
+    se.add_argument("--modality", default="image", choices=("image", "text"),
+                    help="search the images, or the captions (an index built with `index --text`)")
     se.add_argument("--grid", default=None, metavar="PNG", help="contact sheet of the query and its results")
     se.add_argument("--json", default=None, metavar="FILE", help="results as JSON")
     se.set_defaults(func=cmd_search)
+
+    sv = sub.add_parser("serve", help="serve an index: a JSON search API and a search page for the browser",
+                        formatter_class=_Formatter,
+                        description="Loads the index and its model once and serves POST /search (text, image, "
+                                    "plus/minus texts with weights), GET /image/KEY, /health, /info and the search "
+                                    "page at /. Binds loopback unless --host says otherwise.")
+    sv.add_argument("--index", required=True, help="index directory written by `contrastive index`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind; another than loopback prints a warning")
+    sv.add_argument("--port", type=int, default=8000, help="port to bind")
+    sv.add_argument("--token", default=None,
+                    help="require 'Authorization: Bearer TOKEN'; None: $CONTRASTIVE_TOKEN if set, else no token")
+    sv.add_argument("--model", default=None, help="model for the queries; None: the one named in index.json")
+    sv.add_argument("--max-k", type=int, default=100, help="the most results one query may ask for")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="the largest query image accepted, in MiB")
+    sv.add_argument("--concurrent-queries", type=int, default=os.cpu_count() or 1,
+                    help="queries embedded and searched at once, one thread each")
+    sv.set_defaults(func=cmd_serve)
 
     ar = sub.add_parser("arith-eval", help="Recall@k of embedding arithmetic on attribute-labelled data",
                         formatter_class=_Formatter,

@@ -26,6 +26,9 @@ from eval.gpu import gpu_available, move_to_gpu, to_gpu
 
 INDEX_FILE = "image.index"
 PARAMS_FILE = "index.json"
+# `contrastive index --text`: the captions' embeddings indexed the same way, so an image query can return captions.
+TEXT_INDEX_FILE = "text.index"
+TEXT_PARAMS_FILE = "text_index.json"
 EXACT_MAX = 20_000
 # The automatic choice keeps an approximate index only when it answers the held-out queries at least this many
 # times faster than exact search: below that the exact answers are worth more than the time saved.
@@ -442,28 +445,29 @@ def build_tuned_index(vectors_ND: np.ndarray, *, kind: str = "auto", exact_max: 
 
 # ---------------------------------------------------------------- save and load
 
-def save_index(index, params: IndexParams, directory: str | Path) -> Path:
+def save_index(index, params: IndexParams, directory: str | Path, *, index_file: str = INDEX_FILE,
+               params_file: str = PARAMS_FILE) -> Path:
     """Write the (CPU copy of the) index, then index.json: index.json last marks a complete directory."""
     import faiss
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (INDEX_FILE + ".tmp")
+    tmp = directory / (index_file + ".tmp")
     faiss.write_index(to_cpu(index), str(tmp))
-    tmp.replace(directory / INDEX_FILE)
-    tmp_params = directory / (PARAMS_FILE + ".tmp")
+    tmp.replace(directory / index_file)
+    tmp_params = directory / (params_file + ".tmp")
     tmp_params.write_text(json.dumps(asdict(params), indent=2))
-    tmp_params.replace(directory / PARAMS_FILE)
-    return directory / INDEX_FILE
+    tmp_params.replace(directory / params_file)
+    return directory / index_file
 
 
-def read_params(directory: str | Path) -> IndexParams:
+def read_params(directory: str | Path, *, params_file: str = PARAMS_FILE) -> IndexParams:
     directory = Path(directory)
-    path = directory / PARAMS_FILE
+    path = directory / params_file
     if not directory.is_dir():
         raise UserError(f"index directory {directory} does not exist; build it with `contrastive index`")
     if not path.is_file():
-        raise UserError(f"index directory {directory} is incomplete (no {PARAMS_FILE}); "
+        raise UserError(f"index directory {directory} is incomplete (no {params_file}); "
                         f"rebuild it with `contrastive index`")
     try:
         raw = json.loads(path.read_text())
@@ -472,21 +476,22 @@ def read_params(directory: str | Path) -> IndexParams:
         raise UserError(f"{path} is not a valid index parameter file ({e})") from None
 
 
-def load_index(directory: str | Path, *, use_gpu: bool = True):
+def load_index(directory: str | Path, *, use_gpu: bool = True, index_file: str = INDEX_FILE,
+               params_file: str = PARAMS_FILE):
     """(faiss index with its tuned nprobe, on the GPU when there is one; IndexParams)."""
     import faiss
 
     directory = Path(directory)
-    params = read_params(directory)
-    path = directory / INDEX_FILE
+    params = read_params(directory, params_file=params_file)
+    path = directory / index_file
     if not path.is_file():
-        raise UserError(f"index directory {directory} is incomplete (no {INDEX_FILE}); rebuild it")
+        raise UserError(f"index directory {directory} is incomplete (no {index_file}); rebuild it")
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
         raise UserError(f"{path} cannot be read as a faiss index ({str(e).splitlines()[0]})") from None
     if index.d != params.dim or index.ntotal != params.count:
-        raise UserError(f"{path} holds {index.ntotal} vectors of dimension {index.d}, but {PARAMS_FILE} says "
+        raise UserError(f"{path} holds {index.ntotal} vectors of dimension {index.d}, but {params_file} says "
                         f"{params.count} of dimension {params.dim}; rebuild the index")
     if use_gpu:
         index = to_gpu(index)
@@ -501,8 +506,10 @@ def clear_index_dir(directory: Path, *, overwrite: bool) -> None:
     import shutil
 
     from eval.embed import IMG_DIR, META_DIR, TEXT_DIR
+    from eval.image_store import LOCATIONS_FILE
 
-    ours = [directory / name for name in (IMG_DIR, TEXT_DIR, META_DIR, INDEX_FILE, PARAMS_FILE)]
+    ours = [directory / name for name in (IMG_DIR, TEXT_DIR, META_DIR, INDEX_FILE, PARAMS_FILE, TEXT_INDEX_FILE,
+                                          TEXT_PARAMS_FILE, LOCATIONS_FILE)]
     present = [p for p in ours if p.exists()]
     if present and not overwrite:
         raise UserError(f"{directory} already holds an index ({present[0].name}); pass --overwrite to replace it")
@@ -534,13 +541,16 @@ def indexed_captions(bundle, meta, text_ND: np.ndarray, *, batch_size: int) -> t
 def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int = 256, kind: str = "auto",
                     target_recall: float = 0.95, nlist: int = 0, max_flat_gb: float = 16.0,
                     exact_max: int = EXACT_MAX, overwrite: bool = False, seed: int = 0,
-                    retrieval_metrics: bool = False) -> IndexParams:
-    """`contrastive index`: embed a shard set (clip-retrieval layout), build and tune a FAISS index beside it."""
+                    retrieval_metrics: bool = False, text_index: bool = False) -> IndexParams:
+    """`contrastive index`: embed a shard set (clip-retrieval layout), build and tune a FAISS index beside it,
+    record where each image lies in its shard (eval/image_store.py) and, with `text_index`, index the captions
+    too (text.index, text_index.json)."""
     import faiss
 
     from contrastive.loading import load_for_inference
     from contrastive.data import expand_sources
-    from eval.embed import read_embeddings, write_embeddings
+    from eval.embed import IMAGE_KEYS, read_embeddings, write_embeddings
+    from eval.image_store import LOCATIONS_FILE, record_locations
 
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall must be in (0, 1], got {target_recall}")
@@ -563,6 +573,19 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
     params.extra = {"model": str(Path(model).resolve()), "model_checkpoint": info.get("checkpoint"),
                     "model_step": info.get("step"), "data": data, "embeddings": summary,
                     "gpu": gpu_available()}
+    locations = record_locations(data, meta["image_path"].astype(str).tolist(),
+                                 image_exts=tuple(IMAGE_KEYS.split(";")))
+    locations.to_parquet(out / LOCATIONS_FILE, index=False)
+    params.extra["image_locations"] = int((locations["offset"] >= 0).sum())
+    if text_index:  # written before index.json, which marks the directory complete
+        print(f"building a FAISS index over {len(text_ND)} caption embeddings")
+        text, text_params = build_tuned_index(text_ND, kind=kind, exact_max=exact_max, nlist=nlist,
+                                              max_flat_bytes=max_flat_gb * 2**30, target_recall=target_recall,
+                                              extra_queries_QD=image_ND, seed=seed)
+        text_params.extra = {"model": params.extra["model"], "data": data}
+        save_index(text, text_params, out, index_file=TEXT_INDEX_FILE, params_file=TEXT_PARAMS_FILE)
+        params.extra["text_index"] = {"type": text_params.type, "factory": text_params.factory,
+                                      "nprobe": text_params.nprobe, "measured_recall": text_params.measured_recall}
     if retrieval_metrics:  # each image with every caption of it, exact and chunked (eval/retrieval.py)
         from eval.retrieval import retrieval_recall
 

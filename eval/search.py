@@ -1,7 +1,9 @@
 """Search an index directory by text, by image, or by arithmetic on embeddings (image + W * (plus - minus)).
 
 An index directory is what `contrastive index` writes: the clip-retrieval embedding layout (img_emb/, text_emb/,
-metadata/) plus the FAISS index (image.index) and its parameters (index.json, written last).
+metadata/) plus the FAISS index (image.index) and its parameters (index.json, written last); with `--text`, the
+captions' index too (text.index, text_index.json). The command line and the service (eval/serve.py) both rank
+with `encode_query` and `rank`, so they return the same results for the same query.
 
 Letters in names: N gallery images, Q queries, D embedding dim, K results.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from contrastive.errors import UserError
-from eval.index import load_index, read_params, search_excluding
+from eval.index import TEXT_INDEX_FILE, TEXT_PARAMS_FILE, load_index, read_params, search_excluding
 
 KEY_COLUMN = "image_path"  # eval/embed.py stores the sample key under clip-retrieval's column name
 # An image embedding this close to the query image's is the query image itself (float16 storage moves the
@@ -48,6 +50,27 @@ class Gallery:
             raise UserError(f"index directory {self.dir} is inconsistent: {self.params.count} indexed vectors, "
                             f"{num_rows} stored embeddings, {len(self.metadata)} metadata rows; rebuild it")
         self.keys = self.metadata[KEY_COLUMN].astype(str).tolist()
+        self._row_of_key: dict[str, int] = {}
+        for row, key in enumerate(self.keys):
+            self._row_of_key.setdefault(key, row)
+        self.use_gpu = use_gpu
+
+    @property
+    def has_text_index(self) -> bool:
+        return (self.dir / TEXT_INDEX_FILE).is_file() and (self.dir / TEXT_PARAMS_FILE).is_file()
+
+    @cached_property
+    def text_index(self):
+        """The captions' index (row i: metadata row i's caption), loaded on first use."""
+        if not self.has_text_index:
+            raise UserError(f"the index at {self.dir} has no caption index; rebuild it with `contrastive index "
+                            f"--text` to search captions")
+        index, params = load_index(self.dir, use_gpu=self.use_gpu, index_file=TEXT_INDEX_FILE,
+                                   params_file=TEXT_PARAMS_FILE)
+        if params.count != self.params.count:
+            raise UserError(f"{self.dir}/{TEXT_INDEX_FILE} holds {params.count} captions for {self.params.count} "
+                            f"images; rebuild the index")
+        return index
 
     @cached_property
     def image_embeddings(self) -> np.ndarray:
@@ -72,10 +95,8 @@ class Gallery:
         return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
     def row_of(self, key: str) -> int | None:
-        try:
-            return self.keys.index(key)
-        except ValueError:
-            return None
+        """The first row with this key, None for a key not indexed."""
+        return self._row_of_key.get(key)
 
     def record(self, row: int) -> dict:
         """The metadata of one row as plain JSON values."""
@@ -93,22 +114,32 @@ class Gallery:
                             f"{self.params.dim}-dimensional vectors; use the model the index was built with "
                             f"({self.params.extra.get('model', 'see index.json')})")
 
-    def search(self, queries_QD: np.ndarray, k: int, exclude_Q: np.ndarray | None = None):
-        return search_excluding(self.index, queries_QD, k, exclude_Q)
+    def search(self, queries_QD: np.ndarray, k: int, exclude_Q: np.ndarray | None = None, *,
+               modality: str = "image"):
+        index = self.text_index if modality == "text" else self.index
+        return search_excluding(index, queries_QD, k, exclude_Q)
 
 
 def compose_query(*, image_D: np.ndarray | None, text_TD: np.ndarray, plus_PD: np.ndarray, minus_MD: np.ndarray,
-                  weight: float) -> np.ndarray:
+                  weight: float, plus_weights_P=None, minus_weights_M=None) -> np.ndarray:
     """The unit query vector.
 
     With an image: normalise(image + W * (sum(texts) + sum(plus) - sum(minus))). Without one:
     normalise(sum(texts) + W * (sum(plus) - sum(minus))), or of the plus/minus difference alone.
+    Each plus/minus text may carry its own weight (default 1), which multiplies it inside the sums.
     All inputs are unit embeddings; an empty group contributes nothing.
     """
     dim = next(a.shape[-1] for a in (image_D, text_TD, plus_PD, minus_MD) if a is not None and a.size)
     zero = np.zeros(dim, dtype=np.float64)
     texts = text_TD.sum(axis=0) if text_TD.size else zero
-    delta = (plus_PD.sum(axis=0) if plus_PD.size else zero) - (minus_MD.sum(axis=0) if minus_MD.size else zero)
+
+    def weighted_sum(terms_XD, weights_X):
+        if not terms_XD.size:
+            return zero
+        weights_X = np.ones(len(terms_XD)) if weights_X is None else np.asarray(weights_X, dtype=np.float64)
+        return (weights_X[:, None] * terms_XD).sum(axis=0)
+
+    delta = weighted_sum(plus_PD, plus_weights_P) - weighted_sum(minus_MD, minus_weights_M)
     if image_D is not None:
         query = image_D + weight * (texts + delta)
     elif text_TD.size:
@@ -175,6 +206,53 @@ def fetch_images(data_spec: str, keys: list[str]) -> dict:
     return found
 
 
+def encode_query(bundle, *, dim: int, texts: list[str], plus: list[str], minus: list[str], image=None,
+                 image_D: np.ndarray | None = None, weight: float = 1.0, plus_weights=None,
+                 minus_weights=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(unit query_D, the query image's embedding or None) of a query (compose_query says how the parts add up).
+
+    `image` is a PIL image to encode; `image_D` an embedding already at hand (an indexed image's). Every text
+    of the query goes through the text tower in one batch. `bundle` may be None when there is no text and no
+    `image` to encode.
+    """
+    empty = np.zeros((0, dim), dtype=np.float32)
+    text_TD, plus_PD, minus_MD = empty, empty, empty
+    if image is not None:
+        image_D = encode_image(bundle, image)
+    if texts or plus or minus:
+        feats = encode_texts(bundle, [*texts, *plus, *minus])
+        text_TD, plus_PD, minus_MD = np.split(feats, [len(texts), len(texts) + len(plus)])
+    query_D = compose_query(image_D=image_D, text_TD=text_TD, plus_PD=plus_PD, minus_MD=minus_MD, weight=weight,
+                            plus_weights_P=plus_weights, minus_weights_M=minus_weights)
+    return query_D, image_D
+
+
+def rank(gallery: Gallery, query_D: np.ndarray, *, k: int, modality: str = "image",
+         image_D: np.ndarray | None = None, exclude_row: int | None = None) -> tuple[list[tuple[int, float]], list]:
+    """The top k (row, score) of a unit query in the image index (or, modality "text", the caption index), and
+    the keys left out as the query image.
+
+    Searching images with an image query never returns the query image: the indexed row it came from
+    (`exclude_row`), or else any image whose stored embedding equals the query image's (a file that is also in
+    the index). A caption search returns the query image's own caption like any other.
+    """
+    image_side = modality == "image" and image_D is not None
+    extra = 10 if image_side else 0  # room to drop the query image and its stored copies
+    scores, rows = gallery.search(query_D[None], min(k + extra, gallery.params.count), modality=modality)
+    found = rows[0] >= 0
+    rows, scores = rows[0][found], scores[0][found]
+    same = (gallery.embedding_rows(rows) @ image_D >= SAME_IMAGE_COSINE) if image_side and len(rows) \
+        else np.zeros(len(rows), dtype=bool)
+    hits, excluded = [], []
+    for score, row, is_copy in zip(scores, rows, same):
+        if image_side and (row == exclude_row or (exclude_row is None and is_copy)):
+            excluded.append(gallery.keys[row])
+            continue
+        if len(hits) < k:
+            hits.append((int(row), float(score)))
+    return hits, excluded
+
+
 def run_cli(args) -> dict:
     """`contrastive search`: compose the query, search, print results, optionally write a grid and JSON."""
     from contrastive.loading import load_for_inference
@@ -185,6 +263,9 @@ def run_cli(args) -> dict:
     if not (args.text or args.image or args.plus or args.minus):
         raise UserError("give a query: --text, --image, or --plus/--minus texts (with or without --image)")
     gallery = Gallery(args.index)
+    modality = getattr(args, "modality", "image")
+    if modality == "text":
+        gallery.text_index  # a directory without captions indexed fails here, before the model loads
     model_path = args.model or gallery.params.extra.get("model")
     if not model_path:
         raise UserError(f"{gallery.dir}/index.json names no model; pass --model")
@@ -197,34 +278,17 @@ def run_cli(args) -> dict:
             raise UserError(f"--image {args.image} is neither an image file nor the key of an indexed sample")
         else:
             query_image = read_image(args.image)
-    empty = np.zeros((0, gallery.params.dim), dtype=np.float32)
-    text_TD, plus_PD, minus_MD = empty, empty, empty
+    bundle = None
     if query_image is not None or args.text or args.plus or args.minus:  # an indexed key alone needs no model
         bundle, _ = load_for_inference(model_path)
         move_to_gpu(bundle)
         gallery.check_model(bundle.model)
-        if query_image is not None:
-            image_D = encode_image(bundle, query_image)
-        text_TD, plus_PD, minus_MD = (encode_texts(bundle, args.text or []), encode_texts(bundle, args.plus or []),
-                                      encode_texts(bundle, args.minus or []))
-    query_D = compose_query(image_D=image_D, text_TD=text_TD, plus_PD=plus_PD, minus_MD=minus_MD,
-                            weight=args.weight)
-    extra = 10 if image_D is not None else 0  # room to drop the query image and its stored copies
-    scores, rows = gallery.search(query_D[None], min(args.k + extra, gallery.params.count))
-    excluded = []
-    results = []
-    valid = rows[0][rows[0] >= 0]
-    same = (gallery.embedding_rows(valid) @ image_D >= SAME_IMAGE_COSINE) if image_D is not None and len(valid) \
-        else np.zeros(len(valid), dtype=bool)
-    for score, row, is_copy in zip(scores[0][rows[0] >= 0], valid, same):
-        is_query = row == exclude_row or (exclude_row is None and is_copy)
-        if is_query:
-            excluded.append(gallery.keys[row])
-            continue
-        if len(results) < args.k:
-            results.append({"rank": len(results) + 1, "score": float(score), **gallery.record(int(row))})
+    query_D, image_D = encode_query(bundle, dim=gallery.params.dim, texts=args.text or [], plus=args.plus or [],
+                                    minus=args.minus or [], image=query_image, image_D=image_D, weight=args.weight)
+    hits, excluded = rank(gallery, query_D, k=args.k, modality=modality, image_D=image_D, exclude_row=exclude_row)
+    results = [{"rank": i + 1, "score": score, **gallery.record(row)} for i, (row, score) in enumerate(hits)]
     query = {"text": args.text or [], "image": args.image, "plus": args.plus or [], "minus": args.minus or [],
-             "weight": args.weight, "excluded_as_query_image": excluded}
+             "weight": args.weight, "modality": modality, "excluded_as_query_image": excluded}
     out = {"index": str(gallery.dir), "model": str(model_path), "query": query, "results": results}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
