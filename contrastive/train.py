@@ -215,7 +215,7 @@ class TrainResult:
 def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopRequest | None = None) -> TrainResult:
     """Train per `cfg` into `run_dir` on the ranks of the environment (1 if none). `stop`: a StopRequest
     installed earlier (the CLI installs one before the heavy imports); one is installed here otherwise."""
-    from tqdm import tqdm
+    from contrastive.progress import progress_bar
 
     from contrastive.engine import build_engine, clamp_logit_scale_, device_for, freeze, init_distributed
     from contrastive.sharding import expand_sources
@@ -272,7 +272,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
 
     stop = stop or StopRequest()
     record: dict = {}
-    bar = tqdm(total=plan.steps, initial=step, desc="train", unit="step", disable=not (progress and world.is_main))
+    bar = progress_bar(total=plan.steps, initial=step, desc="train", unit="step",
+                       disable=not (progress and world.is_main))
     batches = iter(loader)
     window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "nonfinite_in_a_row": 0}
     counters = DeviceCounters() if cfg.train.sync_every > 1 else None
