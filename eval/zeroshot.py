@@ -358,9 +358,8 @@ def resolve_data(data: str, *, split: str = "test") -> tuple[str, dict]:
         return str(path / split / f"{{0..{count - 1}}}.tar") if count > 1 else str(path / split / "0.tar"), found
     if (path / split).is_dir() and not any(path.glob("*.tar")) and any((path / split).glob("*.tar")):
         path = path / split
-    shards = sorted(p.name for p in path.glob("*.tar"))
-    if shards:
-        return (str(path / shards[0]) if len(shards) == 1 else f"{path}/{{{','.join(shards)}}}"), found
+    if any(path.glob("*.tar")):
+        return str(path), found  # contrastive.sharding.expand_sources reads a folder's shards
     return data, found
 
 
