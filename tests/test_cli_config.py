@@ -107,3 +107,14 @@ def test_train_takes_overrides_before_between_and_after_options():
     # Commands with sub-commands still parse, and positionals of other commands may follow options too.
     args = build_parser().parse_args(["prep", "synthetic", "--seed", "3", "out"])
     assert (args.seed, str(args.out_dir)) == (3, "out")
+
+
+def test_prep_pairs_on_a_table_of_urls_points_to_img2dataset(tmp_path, capsys):
+    table = tmp_path / "cc3m.tsv"
+    table.write_text("url\tcaption\nhttps://example.com/a.jpg\ta dog\nhttp://example.com/b.jpg\ta cat\n")
+    code = main(["prep", "pairs", str(table), str(tmp_path / "out"), "--num-procs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "2 of 2 rows" in err and "https://example.com/a.jpg" in err
+    assert f"img2dataset --url_list {table} --input_format tsv --url_col url --caption_col caption" in err
+    assert "data.train=shards" in err and not list((tmp_path / "out").glob("*.tar"))
