@@ -23,6 +23,7 @@ DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 
 CAPTION_SAMPLING = ("first", "random")
+LOG_TO = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -302,8 +303,16 @@ class TrainConfig:
     # Timeout of every collective of the process group, in seconds (torch's default is 10 or 30 minutes
     # depending on the backend): a rank that died or hangs ends the job with an error instead of a silent hang.
     dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S
+    # Where metrics.jsonl's records are mirrored as well: tensorboard (RUN/tensorboard) and wandb (Weights & Biases,
+    # `pip install wandb`; its project train.wandb_project, its run named as the run directory; WANDB_MODE,
+    # WANDB_ENTITY and WANDB_DIR from the environment). A resumed run continues its wandb run (RUN/wandb_run.json).
+    log_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "contrastive"
 
     def __post_init__(self):
+        unknown = [sink for sink in self.log_to if sink not in LOG_TO]
+        if unknown:
+            raise ConfigError(f"train.log_to: {unknown[0]!r} is not one of {', '.join(LOG_TO)}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "accum_steps",
                      "max_nonfinite_in_a_row"):
             if getattr(self, name) <= 0:

@@ -9,9 +9,10 @@ from pathlib import Path
 class MetricsLogger:
     """Appends to metrics.jsonl (so a resumed run keeps its history); only the main rank writes."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True, mirrors: tuple = ()):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self._mirrors = mirrors  # more sinks for each record (log and close), e.g. wandb_log.WandbMirror
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -43,7 +44,11 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        for mirror in self._mirrors:
+            mirror.log(clean)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for mirror in self._mirrors:
+            mirror.close()

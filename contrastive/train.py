@@ -218,10 +218,12 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
     from contrastive.progress import progress_bar
 
     from contrastive.engine import build_engine, clamp_logit_scale_, device_for, freeze, init_distributed
+    from contrastive import wandb_log
     from contrastive.sharding import expand_sources
 
     # Mistakes in paths and settings fail here, in one line, before any process group or model exists.
     expand_sources(cfg.data.train)
+    wandb_log.check_available(cfg.train.log_to)
     cfg = resolve_auto(cfg, cuda=torch.cuda.is_available())
     evaluators = build_evaluators(cfg.eval)
     resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
@@ -241,7 +243,12 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
                          batch_size_per_rank=cfg.train.batch_size // world.world_size, seed=cfg.train.seed,
                          world=world, on_gpu=device.type == "cuda")
     loss_fn = build_loss(cfg.loss)
-    logger = MetricsLogger(run_dir, enabled=world.is_main)
+    mirrors = ()
+    if world.is_main and "wandb" in cfg.train.log_to:
+        mirrors = (wandb_log.WandbMirror(run_dir, project=cfg.train.wandb_project, config=to_dict(cfg),
+                                         resuming=resume_from is not None),)
+    logger = MetricsLogger(run_dir, enabled=world.is_main, tensorboard="tensorboard" in cfg.train.log_to,
+                           mirrors=mirrors)
 
     step, elapsed_before, nonfinite_total, loss_scale_skips = 0, 0.0, 0, 0
     torch.manual_seed(cfg.train.seed * 1000 + world.rank)  # per-rank dropout draws, CPU and CUDA
