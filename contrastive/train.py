@@ -215,10 +215,9 @@ class TrainResult:
 def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopRequest | None = None) -> TrainResult:
     """Train per `cfg` into `run_dir` on the ranks of the environment (1 if none). `stop`: a StopRequest
     installed earlier (the CLI installs one before the heavy imports); one is installed here otherwise."""
-    from contrastive.progress import progress_bar
-
-    from contrastive.engine import build_engine, clamp_logit_scale_, device_for, freeze, init_distributed
     from contrastive import wandb_log
+    from contrastive.engine import build_engine, clamp_logit_scale_, device_for, freeze, init_distributed
+    from contrastive.progress import progress_bar
     from contrastive.sharding import expand_sources
 
     # Mistakes in paths and settings fail here, in one line, before any process group or model exists.

@@ -272,6 +272,7 @@ def evaluate(model, preprocess, tokenizer, images: LabelledImages, templates: Se
     On several ranks (inside training) each rank decodes and encodes its share of the images and every rank
     returns the whole set's result, in sample order: that of one rank."""
     from PIL import Image
+
     from contrastive.progress import progress_bar
 
     was_training = model.training
