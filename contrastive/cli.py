@@ -450,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "past --max-flat-gb; nprobe is tuned to --target-recall; the GPU is used when "
                                     "faiss sees one.")
     ix.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
-    ix.add_argument("--data", required=True, help="WebDataset shard spec of image-caption pairs")
+    ix.add_argument("--data", required=True,
+                    help="image-caption pairs: a WebDataset shard spec, or a folder of .tar shards such as "
+                         "img2dataset's output folder")
     ix.add_argument("--out", required=True, help="index directory to write")
     ix.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     ix.add_argument("--index-type", default="auto", choices=["auto", "flat", "ivf_flat", "ivf_pq"],
@@ -579,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights dtype (open_clip, hf, onnx); embeddings are always float16")
     ex.add_argument("--overwrite", action="store_true",
                     help="replace a non-empty --out (only once the new export is complete)")
-    ex.add_argument("--data", default=None, help="--format embeddings: WebDataset shards, e.g. data/{00000..00009}.tar")
+    ex.add_argument("--data", default=None,
+                    help="--format embeddings: WebDataset shards, e.g. data/{00000..00009}.tar or the folder data/")
     ex.add_argument("--batch-size", type=int, default=256, help="--format embeddings: samples per forward pass")
     ex.add_argument("--rows-per-file", type=int, default=1_000_000,
                     help="--format embeddings: rows per img_emb_N/text_emb_N/metadata_N part")

@@ -28,7 +28,8 @@ LOG_TO = ("tensorboard", "wandb")
 
 @dataclass
 class DataConfig:
-    # Shard specs: brace expansion allowed, several sources joined with '::'.
+    # Shard specs: brace expansion allowed, several sources joined with '::'; a folder stands for the .tar shards
+    # in it (img2dataset's output folder).
     train: str = ""
     val: str = ""
     # Share of training samples drawn from each '::' source of `train` (resampled mode only), normalised;
@@ -550,7 +551,8 @@ def parse_overrides(overrides: list[str], schema: Any = None) -> dict:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError as e:
                 if raw.lstrip().startswith(("[", "{")):
-                    raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+                    raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                                      f"({str(e).splitlines()[0]})") from None
                 value = raw
         node = tree
         for part in parts[:-1]:
