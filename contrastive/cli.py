@@ -11,14 +11,22 @@ from contrastive.errors import UserError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends "(default: X)" only where it tells something: not for None, False, empty values, or a help
+    text that already says what the default is."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if default is None or default is False or default in ("", []) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 class _IntermixedParser(argparse.ArgumentParser):
     """Lets positionals (key=value overrides) come before, between and after options."""
 
     def parse_known_args(self, args=None, namespace=None):
-        if getattr(self, "_intermixing", False):  # parse_known_intermixed_args calls back into us
+        # parse_known_intermixed_args calls back into us; argparse cannot intermix a parser with subcommands
+        if getattr(self, "_intermixing", False) or self._subparsers is not None:
             return super().parse_known_args(args, namespace)
         self._intermixing = True
         try:
@@ -130,6 +138,23 @@ def cmd_train(args) -> int:
         status = "stopped early on request (resume with train.resume=latest)" if result.preempted else "finished"
         print(f"{status} at step {result.step}; run directory: {run_dir}")
     return EXIT_PREEMPTED if result.preempted else 0
+
+
+# ---------------------------------------------------------------- config
+
+def cmd_config_show(args) -> int:
+    import yaml
+
+    from contrastive.config import load_config, to_dict
+
+    # CONFIG is the one positional that is not a key=value override, wherever it stands.
+    files = [item for item in [str(args.config), *args.overrides] if "=" not in item]
+    if len(files) != 1:
+        raise UserError(f"give one config file and key=value overrides; got {len(files)} files: {' '.join(files)}")
+    overrides = [item for item in [str(args.config), *args.overrides] if "=" in item]
+    cfg = load_config(files[0], overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
 
 
 # ---------------------------------------------------------------- zeroshot
@@ -284,8 +309,12 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from contrastive import __version__
+
     parser = argparse.ArgumentParser(prog="contrastive", description=__doc__, formatter_class=_Formatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Every command takes its positionals (key=value overrides, paths) before, between and after its options.
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     prep = sub.add_parser("prep", help="turn raw data into WebDataset shards", formatter_class=_Formatter)
     prep_sub = prep.add_subparsers(dest="prep_command", required=True)
@@ -359,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.train=...")
     tr.set_defaults(func=cmd_train)
 
+    cf = sub.add_parser("config", help="inspect run configs", formatter_class=_Formatter)
+    cf_sub = cf.add_subparsers(dest="config_command", required=True)
+    show = cf_sub.add_parser("show", help="print the resolved config (YAML)", formatter_class=_Formatter,
+                             description="Print CONFIG with the overrides applied over the defaults, every key, as "
+                                         "the run directory's config.yaml records it (values `auto` stay auto: the "
+                                         "run chooses them for its device).")
+    show.add_argument("config", type=Path, help="YAML run config, e.g. configs/demo.yaml")
+    show.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.train=...")
+    show.set_defaults(func=cmd_config_show)
+
     zs = sub.add_parser("zeroshot", help="zero-shot classification of a labelled image set, or of single images",
                         formatter_class=_Formatter,
                         description="Evaluate on a labelled set (--data, --output) or print the top labels of "
@@ -418,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "past --max-flat-gb; nprobe is tuned to --target-recall; the GPU is used when "
                                     "faiss sees one.")
     ix.add_argument("--model", required=True, help="run directory, checkpoint directory or exported model")
-    ix.add_argument("--data", required=True, help="WebDataset shard spec of image-caption pairs")
+    ix.add_argument("--data", required=True,
+                    help="image-caption pairs: a WebDataset shard spec, or a folder of .tar shards such as "
+                         "img2dataset's output folder")
     ix.add_argument("--out", required=True, help="index directory to write")
     ix.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     ix.add_argument("--index-type", default="auto", choices=["auto", "flat", "ivf_flat", "ivf_pq"],
@@ -572,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights dtype (open_clip, hf, onnx); embeddings are always float16")
     ex.add_argument("--overwrite", action="store_true",
                     help="replace a non-empty --out (only once the new export is complete)")
-    ex.add_argument("--data", default=None, help="--format embeddings: WebDataset shards, e.g. data/{00000..00009}.tar")
+    ex.add_argument("--data", default=None,
+                    help="--format embeddings: WebDataset shards, e.g. data/{00000..00009}.tar or the folder data/")
     ex.add_argument("--batch-size", type=int, default=256, help="--format embeddings: samples per forward pass")
     ex.add_argument("--rows-per-file", type=int, default=1_000_000,
                     help="--format embeddings: rows per img_emb_N/text_emb_N/metadata_N part")

@@ -23,11 +23,13 @@ DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 
 CAPTION_SAMPLING = ("first", "random")
+LOG_TO = ("tensorboard", "wandb")
 
 
 @dataclass
 class DataConfig:
-    # Shard specs: brace expansion allowed, several sources joined with '::'.
+    # Shard specs: brace expansion allowed, several sources joined with '::'; a folder stands for the .tar shards
+    # in it (img2dataset's output folder).
     train: str = ""
     val: str = ""
     # Share of training samples drawn from each '::' source of `train` (resampled mode only), normalised;
@@ -311,8 +313,16 @@ class TrainConfig:
     # Timeout of every collective of the process group, in seconds (torch's default is 10 or 30 minutes
     # depending on the backend): a rank that died or hangs ends the job with an error instead of a silent hang.
     dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S
+    # Where metrics.jsonl's records are mirrored as well: tensorboard (RUN/tensorboard) and wandb (Weights & Biases,
+    # `pip install wandb`; its project train.wandb_project, its run named as the run directory; WANDB_MODE,
+    # WANDB_ENTITY and WANDB_DIR from the environment). A resumed run continues its wandb run (RUN/wandb_run.json).
+    log_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "contrastive"
 
     def __post_init__(self):
+        unknown = [sink for sink in self.log_to if sink not in LOG_TO]
+        if unknown:
+            raise ConfigError(f"train.log_to: {unknown[0]!r} is not one of {', '.join(LOG_TO)}")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "accum_steps",
                      "max_nonfinite_in_a_row"):
             if getattr(self, name) <= 0:
@@ -505,29 +515,69 @@ def merge(base: Any, updates: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars."""
+def _override_type(schema: Any, parts: list[str]) -> Any:
+    """The annotation of the field a dotted override key names in dataclass `schema`; Any past a dict or list
+    field (their entries are free-form), None for an unknown key (merge reports it with the valid ones)."""
+    tp = schema
+    for part in parts:
+        if not _is_dataclass_type(tp):
+            return Any
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
+
+
+def parse_overrides(overrides: list[str], schema: Any = None) -> dict:
+    """Turn ['a.b=1', 'c=x'] into {'a': {'b': 1}, 'c': 'x'}. A value is the raw text where `schema` (a config
+    dataclass) types the key as a string, so that data.train={00000..00009}.tar and model.name=no mean what
+    they say; other values (and every value without a schema) are parsed as YAML."""
     tree: dict = {}
+    previous = None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
         key, raw = item.split("=", 1)
+        if previous is not None and previous[0] == key and previous[1] != raw:
+            # Unquoted, `data.train=d/{00000..00009}.tar` reaches us as ten adjacent overrides of one key (the
+            # shell expands braces): only the last would count, training on one shard.
+            raise ConfigError(f"{key} is given twice in a row ({previous[1]!r}, then {raw!r}): did the shell expand "
+                              f"braces? Quote the override, e.g. '{key}=data/{{00000..00009}}.tar'")
+        previous = (key, raw)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            if raw.lstrip().startswith(("[", "{")):
-                raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
-            value = raw
-        node = tree
         parts = key.split(".")
+        tp = _override_type(schema, parts) if schema is not None else Any
+        if raw == "" or (_is_text(tp) and not (tp is not str and raw in ("null", "~"))):
+            value = raw
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                if raw.lstrip().startswith(("[", "{")):
+                    raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                                      f"({str(e).splitlines()[0]})") from None
+                value = raw
+        node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
         node[parts[-1]] = value
     return tree
+
+
+def _yaml_error_line(path: Path, e: yaml.YAMLError) -> str:
+    """A YAML error as one line that names the file, line and column (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    return f"config file {where}: not valid YAML: {what or str(e).splitlines()[0]}"
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -537,7 +587,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(_yaml_error_line(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -549,7 +599,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         cfg = merge(cfg, load_yaml(path))
     if overrides:
-        cfg = merge(cfg, parse_overrides(overrides))
+        cfg = merge(cfg, parse_overrides(overrides, schema=cls))
     return cfg
 
 

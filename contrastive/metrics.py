@@ -12,11 +12,12 @@ from contrastive.faults import fault_point
 class MetricsLogger:
     """Appends to metrics.jsonl (so a resumed run keeps its history); only the main rank writes."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True, mirrors: tuple = ()):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb_dir = run_dir / "tensorboard"
         self._tb = self._summary_writer = None
+        self._mirrors = mirrors  # more sinks for each record (log and close), e.g. wandb_log.WandbMirror
         if enabled and tensorboard:
             try:  # imported here, not at the first record, whose step time train.fit_steps_to_time may measure
                 from torch.utils.tensorboard import SummaryWriter
@@ -71,7 +72,11 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        for mirror in self._mirrors:
+            mirror.log(clean)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for mirror in self._mirrors:
+            mirror.close()

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,8 +39,25 @@ CLASS_TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DEFAULT_CLASS_TEMPLATES = ("a photo of a {c}.",)
 
 
+def _natural_key(name: str) -> list:
+    """Sort key that puts 2.tar before 10.tar (CLIP_benchmark numbers shards without zero-padding)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def folder_shards(folder: str) -> list[str]:
+    """The .tar shards directly in `folder` (img2dataset's output folder, a CLIP_benchmark split folder), in
+    numeric order; the .parquet, _stats.json and index files beside them are not shards."""
+    names = sorted((e.name for e in os.scandir(folder) if e.name.endswith(".tar") and e.is_file()), key=_natural_key)
+    if not names:
+        splits = sorted(e.name for e in os.scandir(folder) if e.is_dir() and any(Path(e.path).glob("*.tar")))
+        hint = f" (its sub-folders {', '.join(splits)} do: name one)" if splits else ""
+        raise UserError(f"the folder {folder} holds no .tar shards{hint}")
+    return [os.path.join(folder, name) for name in names]
+
+
 def expand_sources(spec: str) -> list[list[str]]:
-    """'a/{000..009}.tar::b.tar' -> [[a/000.tar, ...], [b.tar]]; local files must exist."""
+    """'a/{000..009}.tar::b.tar::c/' -> [[a/000.tar, ...], [b.tar], [c/00000.tar, ...]]: brace expansion, and a
+    local folder stands for the .tar shards in it; local files must exist."""
     import braceexpand
 
     if not spec:
@@ -49,6 +67,7 @@ def expand_sources(spec: str) -> list[list[str]]:
         urls = list(braceexpand.braceexpand(part.strip()))
         if not urls or not all(urls):
             raise UserError(f"the shard spec {part!r} is empty; join sources with a single '::'")
+        urls = [shard for u in urls for shard in (folder_shards(u) if is_local(u) and os.path.isdir(u) else [u])]
         missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
         if missing:
             raise UserError(f"data path {missing[0]} does not exist ({len(missing)} of {len(urls)} shards of {part!r} missing)")

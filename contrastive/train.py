@@ -217,12 +217,13 @@ class TrainResult:
 def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopRequest | None = None) -> TrainResult:
     """Train per `cfg` into `run_dir` on the ranks of the environment (1 if none). `stop`: a StopRequest
     installed earlier (the CLI installs one before the heavy imports); one is installed here otherwise."""
-    from tqdm import tqdm
-
+    from contrastive import wandb_log
     from contrastive.engine import build_engine, clamp_logit_scale_, device_for, freeze, init_distributed
+    from contrastive.progress import progress_bar
 
     # Mistakes in paths and settings fail here, in one line, before any process group or model exists.
     evaluators = check_run_inputs(cfg)
+    wandb_log.check_available(cfg.train.log_to)
     cfg = resolve_auto(cfg, cuda=torch.cuda.is_available())
     refuse_reused_run_dir(run_dir, resume=cfg.train.resume)
     resume_from = checkpoint.resolve_checkpoint(run_dir, cfg.train.resume)
@@ -249,7 +250,12 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
                          batch_size_per_rank=cfg.train.batch_size // world.world_size, seed=cfg.train.seed,
                          world=world, on_gpu=device.type == "cuda")
     loss_fn = build_loss(cfg.loss)
-    logger = MetricsLogger(run_dir, enabled=world.is_main)
+    mirrors = ()
+    if world.is_main and "wandb" in cfg.train.log_to:
+        mirrors = (wandb_log.WandbMirror(run_dir, project=cfg.train.wandb_project, config=to_dict(cfg),
+                                         resuming=resume_from is not None),)
+    logger = MetricsLogger(run_dir, enabled=world.is_main, tensorboard="tensorboard" in cfg.train.log_to,
+                           mirrors=mirrors)
 
     step, elapsed_before, nonfinite_total, loss_scale_skips = 0, 0.0, 0, 0
     torch.manual_seed(cfg.train.seed * 1000 + world.rank)  # per-rank dropout draws, CPU and CUDA
@@ -281,7 +287,8 @@ def train(cfg: Config, run_dir: Path, *, progress: bool = True, stop: StopReques
 
     stop = stop or StopRequest()
     record: dict = {}
-    bar = tqdm(total=plan.steps, initial=step, desc="train", unit="step", disable=not (progress and world.is_main))
+    bar = progress_bar(total=plan.steps, initial=step, desc="train", unit="step",
+                       disable=not (progress and world.is_main))
     batches = iter(loader)
     window = {"t0": time.perf_counter(), "steps": 0, "data": 0.0, "nonfinite_in_a_row": 0}
     counters = DeviceCounters() if cfg.train.sync_every > 1 else None

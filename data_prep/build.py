@@ -238,7 +238,7 @@ def build_shards(items: Iterable[Item], out_dir: Path, *, opts: BuildOptions, re
     `record` (command, input and options) is kept in OUT_DIR/prep.json; a re-run with other options is refused.
     """
     import webdataset  # noqa: F401 -- imported once here, so forked writers do not each import torch
-    from tqdm import tqdm
+    from contrastive.progress import progress_bar
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_options(out_dir, record)
@@ -246,7 +246,7 @@ def build_shards(items: Iterable[Item], out_dir: Path, *, opts: BuildOptions, re
     num_procs = num_procs or len(os.sched_getaffinity(0))
     start = time.time()
     written = kept = 0
-    bar = tqdm(total=num_inputs, desc=desc, unit="img", disable=not progress, smoothing=0.05)
+    bar = progress_bar(total=num_inputs, desc=desc, unit="img", disable=not progress, smoothing=0.05)
 
     def jobs() -> Iterator[tuple]:
         nonlocal kept

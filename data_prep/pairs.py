@@ -16,6 +16,7 @@ from data_prep.images import IMAGE_SUFFIXES
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 # A .txt input is read as a CSV table: Kaggle's Flickr8k/Flickr30k `captions.txt` (header `image,caption`).
 CSV_SUFFIXES = (".csv", ".txt")
+URL_PREFIXES = ("http://", "https://")
 # The Kaggle Flickr layout: a folder holding this table and the images folder it names files in.
 KAGGLE_TABLE, KAGGLE_IMAGES = "captions.txt", "Images"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -123,6 +124,7 @@ def table_items(path: Path, *, image_column: str | None, caption_column: str | N
         raise UserError(f"{path} has no rows")
     image_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "image-path", "--image-column")
     caption_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
+    refuse_urls(path, rows, image_col=image_col, caption_col=caption_col)
     items = []
     for number, row in enumerate(rows, start=1):
         source = f"{path.name}:{number}"
@@ -139,6 +141,20 @@ def table_items(path: Path, *, image_column: str | None, caption_column: str | N
         meta = {k: json_safe(v) for k, v in row.items() if k not in (image_col, caption_col)}
         items.append(Item(source=str(image).strip(), path=str(image_path), caption=row.get(caption_col), meta=meta))
     return items
+
+
+def refuse_urls(path: Path, rows: list[dict | None], *, image_col: str, caption_col: str) -> None:
+    """A table of image URLs (LAION, CC3M, ...) is img2dataset's input, not ours: say so and how to go on,
+    instead of skipping every row as a missing file."""
+    urls = [str(row[image_col]).strip() for row in rows
+            if row and isinstance(row.get(image_col), str) and row[image_col].strip().lower().startswith(URL_PREFIXES)]
+    if not urls:
+        return
+    fmt = {".txt": "csv"}.get(path.suffix.lower(), path.suffix.lower().lstrip("."))
+    raise UserError(f"{len(urls)} of {len(rows)} rows of {path} name their image by URL (e.g. {urls[0]}); downloading "
+                    f"is img2dataset's job: img2dataset --url_list {path} --input_format {fmt} --url_col {image_col} "
+                    f"--caption_col {caption_col} --output_format webdataset --output_folder shards, then train on "
+                    f"data.train=shards (its output folder is a shard spec here)")
 
 
 def group_by_image(items: list[Item]) -> list[Item]:

@@ -175,7 +175,7 @@ def generate(out_dir: str | Path, *, num_samples: int, num_val: int, seed: int =
     """Write OUT_DIR/train and OUT_DIR/val shard sets; returns {split: shard spec}. Finished shards are kept."""
     import os
 
-    from tqdm import tqdm
+    from contrastive.progress import progress_bar
 
     out_dir = Path(out_dir)
     specs = {}
@@ -191,7 +191,8 @@ def generate(out_dir: str | Path, *, num_samples: int, num_val: int, seed: int =
             jobs.append((split_dir, shard_id, start, min(count, start + samples_per_shard), seed, split, image_size))
         specs[split] = shard_spec(split_dir, num_shards)
     num_procs = num_procs or min(len(jobs), os.cpu_count() or 1)
-    with tqdm(total=num_samples + max(num_val, 0), desc="synthetic", unit="img", disable=not progress) as bar:
+    with progress_bar(total=num_samples + max(num_val, 0), desc="synthetic", unit="img",
+                      disable=not progress) as bar:
         if num_procs <= 1:
             for job in jobs:
                 _write_one(job)

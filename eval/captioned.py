@@ -165,11 +165,9 @@ def open_captioned(data: str, *, images_list: str | None = None) -> CaptionedSet
         if (path / KAGGLE_CAPTIONS).is_file():
             images = path / KAGGLE_IMAGES if (path / KAGGLE_IMAGES).is_dir() else path
             return _folder_set(data, path / KAGGLE_CAPTIONS, images, "kaggle", images_list)
-        shards = sorted(p.name for p in path.glob("*.tar"))
-        if not shards:
+        if not any(path.glob("*.tar")):  # else expand_sources reads the folder's shards
             raise UserError(f"{path} is neither a captioned image folder ({KAGGLE_CAPTIONS}, or flickr*"
                             f"{KARPATHY_SUFFIX} as CLIP_benchmark has it) nor a folder of .tar shards")
-        data = str(path / shards[0]) if len(shards) == 1 else f"{path}/{{{','.join(shards)}}}"
     if images_list:
         raise UserError("--images-list selects images of a captioned folder; a shard set is its own split")
     expand_sources(data)  # a clear error for missing shards before any work

@@ -114,9 +114,8 @@ def write_embeddings(bundle, data_spec: str, out_dir: str | Path, *, batch_size:
     Samples whose image cannot be decoded or that lack an image or a caption are skipped and counted.
     Returns a summary: num_samples, num_skipped, num_corrupt (unreadable tar members), dim, parts.
     """
-    from tqdm import tqdm
-
     from contrastive.data import decode_image, eval_samples, expand_sources
+    from contrastive.progress import progress_bar
 
     if batch_size <= 0 or rows_per_file <= 0:
         raise UserError("--batch-size and --rows-per-file must be > 0")
@@ -137,7 +136,7 @@ def write_embeddings(bundle, data_spec: str, out_dir: str | Path, *, batch_size:
         writer.add(img_BD.cpu().numpy().astype(np.float16), txt_BD.cpu().numpy().astype(np.float16), list(meta))
         images.clear(), captions.clear(), meta.clear()
 
-    bar = tqdm(desc="embed", unit="img", disable=not progress)
+    bar = progress_bar(desc="embed", unit="img", disable=not progress)
     try:
         for sample in eval_samples(data_spec, handler_counts=corrupt):
             raw_image, raw_caption = _first(sample, image_key), _first(sample, caption_key)

@@ -188,9 +188,9 @@ def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: in
 
     rows = own_samples()
     if progress:
-        from tqdm import tqdm
+        from contrastive.progress import progress_bar
 
-        rows = tqdm(rows, desc="retrieval: images", unit="img", disable=rank != 0)
+        rows = progress_bar(rows, desc="retrieval: images", unit="img", disable=rank != 0)
     was_training = model.training
     model.eval()
     try:

@@ -272,7 +272,8 @@ def evaluate(model, preprocess, tokenizer, images: LabelledImages, templates: Se
     On several ranks (inside training) each rank decodes and encodes its share of the images and every rank
     returns the whole set's result, in sample order: that of one rank."""
     from PIL import Image
-    from tqdm import tqdm
+
+    from contrastive.progress import progress_bar
 
     was_training = model.training
     model.eval()
@@ -281,8 +282,8 @@ def evaluate(model, preprocess, tokenizer, images: LabelledImages, templates: Se
     try:
         weights_CD = class_embeddings(model, tokenizer, images.classes, templates, batch_size=batch_size)
         rows = ((n, preprocess(image), label) for n, image, label, _ in
-                tqdm(images.shard(rank=rank, world_size=world_size), desc="zeroshot", unit="img",
-                     disable=not progress))
+                progress_bar(images.shard(rank=rank, world_size=world_size), desc="zeroshot", unit="img",
+                             disable=not progress))
         feats_ND, labels = encode_sharded(rows, lambda batch: encoder.encode_image(torch.stack(batch)),
                                           dummy=preprocess(Image.new("RGB", (8, 8))), batch_size=batch_size)
     finally:
@@ -358,9 +359,8 @@ def resolve_data(data: str, *, split: str = "test") -> tuple[str, dict]:
         return str(path / split / f"{{0..{count - 1}}}.tar") if count > 1 else str(path / split / "0.tar"), found
     if (path / split).is_dir() and not any(path.glob("*.tar")) and any((path / split).glob("*.tar")):
         path = path / split
-    shards = sorted(p.name for p in path.glob("*.tar"))
-    if shards:
-        return (str(path / shards[0]) if len(shards) == 1 else f"{path}/{{{','.join(shards)}}}"), found
+    if any(path.glob("*.tar")):
+        return str(path), found  # contrastive.sharding.expand_sources reads a folder's shards
     return data, found
 
 
