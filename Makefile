@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # The torch build to install first; override for another CUDA/CPU build, e.g.
 #   make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# FAISS's build: cpu (faiss-cpu) or gpu (faiss-gpu-cu12); both install the module `faiss`, so exactly one.
+FAISS_EXTRA ?= cpu
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -17,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(FAISS_EXTRA),dev]'
 	touch $@
 
 demo: venv
@@ -44,7 +46,7 @@ CIFAR_OVERRIDES ?=
 .PHONY: cifar10 cifar10-tiny openclip-venv
 
 cifar10: venv
-	$(BIN)/python -m data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(CIFAR_WORK) --unpack-to $(CIFAR_UNPACK) \
+	$(BIN)/python -m contrastive.data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(CIFAR_WORK) --unpack-to $(CIFAR_UNPACK) \
 	  --train-per-class $(CIFAR_TRAIN_PER_CLASS)
 	for part in train val; do \
 	  test $(CIFAR_WORK)/shards/$$part/sizes.json -nt $(CIFAR_WORK)/split/.split && \
@@ -58,10 +60,10 @@ cifar10: venv
 	# Each make trains afresh (`contrastive train` refuses a run directory that holds an earlier run).
 	rm -rf $(CIFAR_RUN)
 	$(BIN)/contrastive train --config $(CIFAR_CONFIG) --out $(CIFAR_RUN) \
-	  data.train=$$($(BIN)/python -m data_prep.cifar10 spec $(CIFAR_WORK)/shards/train) $(CIFAR_OVERRIDES); \
+	  data.train=$$($(BIN)/python -m contrastive.data_prep.cifar10 spec $(CIFAR_WORK)/shards/train) $(CIFAR_OVERRIDES); \
 	  rc=$$?; test $$rc = 0 || test $$rc = 75 || exit $$rc
 	$(BIN)/contrastive zeroshot --model $(CIFAR_RUN) --templates cifar --output $(CIFAR_RUN)/zeroshot_cifar10_val.json \
-	  --data $$($(BIN)/python -m data_prep.cifar10 spec $(CIFAR_WORK)/shards/val)
+	  --data $$($(BIN)/python -m contrastive.data_prep.cifar10 spec $(CIFAR_WORK)/shards/val)
 	$(BIN)/contrastive report $(CIFAR_RUN)
 
 cifar10-tiny: CIFAR_CONFIG = configs/cifar10_tiny.yaml
@@ -85,7 +87,7 @@ UNSEEN_OVERRIDES ?=
 .PHONY: cifar10-unseen cifar10-unseen-tiny
 
 cifar10-unseen: venv
-	$(BIN)/python -m data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(UNSEEN_WORK) --unpack-to $(CIFAR_UNPACK) \
+	$(BIN)/python -m contrastive.data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(UNSEEN_WORK) --unpack-to $(CIFAR_UNPACK) \
 	  --train-per-class $(UNSEEN_TRAIN_PER_CLASS)
 	if ! { test "$$(cat $(UNSEEN_WORK)/shards/unseen.txt 2>/dev/null)" = "$(UNSEEN)" && \
 	       test $(UNSEEN_WORK)/shards/train/sizes.json -nt $(UNSEEN_WORK)/split/.split && \
@@ -101,11 +103,11 @@ cifar10-unseen: venv
 	for variant in pretrained random; do \
 	  rm -rf $(UNSEEN_RUN)_$$variant; \
 	  $(BIN)/contrastive train --config $(UNSEEN_CONFIG) --out $(UNSEEN_RUN)_$$variant \
-	    data.train=$$($(BIN)/python -m data_prep.cifar10 spec $(UNSEEN_WORK)/shards/train) \
+	    data.train=$$($(BIN)/python -m contrastive.data_prep.cifar10 spec $(UNSEEN_WORK)/shards/train) \
 	    model.text_random_init=$$(test $$variant = random && echo true || echo false) $(UNSEEN_OVERRIDES); \
 	  rc=$$?; test $$rc = 0 || test $$rc = 75 || exit $$rc; \
 	done
-	$(BIN)/python -m eval.unseen --data $(UNSEEN_WORK)/split/val --unseen $(UNSEEN) --templates cifar \
+	$(BIN)/python -m contrastive.eval.unseen --data $(UNSEEN_WORK)/split/val --unseen $(UNSEEN) --templates cifar \
 	  --model pretrained=$(UNSEEN_RUN)_pretrained --model random=$(UNSEEN_RUN)_random \
 	  --output $(UNSEEN_RUN)_unseen.json
 
@@ -116,7 +118,7 @@ cifar10-unseen-tiny: UNSEEN_TRAIN_PER_CLASS = 50
 cifar10-unseen-tiny: cifar10-unseen
 
 # Flickr8k recipes (issue 18): unpack ../shared/data/flickr8k to FLICKR_WORK and shard its train split (one sample per
-# image with all five captions, and one row per caption) and its dev split (python -m data_prep.flickr8k); train
+# image with all five captions, and one row per caption) and its dev split (python -m contrastive.data_prep.flickr8k); train
 # for at most 15 minutes (train.fit_steps_to_time plans the steps that fill it); score image<->text retrieval on
 # the dev split and zero-shot top-1 on the CIFAR-10 held-out split (configs/cifar10_val.txt, CIFAR templates:
 # no CIFAR caption is ever seen in training); render the report. `make flickr8k-lit` is the same with the locked
@@ -130,12 +132,12 @@ FLICKR_OVERRIDES ?=
 .PHONY: flickr8k flickr8k-lit
 
 flickr8k: venv
-	$(BIN)/python -m data_prep.flickr8k split --tar $(FLICKR_TAR) --out $(FLICKR_WORK)
-	$(BIN)/python -m data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(CIFAR_WORK) --unpack-to $(CIFAR_UNPACK)
+	$(BIN)/python -m contrastive.data_prep.flickr8k split --tar $(FLICKR_TAR) --out $(FLICKR_WORK)
+	$(BIN)/python -m contrastive.data_prep.cifar10 split --tar $(CIFAR_TAR) --out $(CIFAR_WORK) --unpack-to $(CIFAR_UNPACK)
 	# A run stopped by train.max_time_s exits 75 with its checkpoint: that run is scored. Each make trains afresh.
 	rm -rf $(FLICKR_RUN)
 	$(BIN)/contrastive train --config $(FLICKR_CONFIG) --out $(FLICKR_RUN) \
-	  data.train=$$($(BIN)/python -m data_prep.flickr8k spec $(FLICKR_WORK)/shards/train) \
+	  data.train=$$($(BIN)/python -m contrastive.data_prep.flickr8k spec $(FLICKR_WORK)/shards/train) \
 	  $(FLICKR_OVERRIDES); \
 	  rc=$$?; test $$rc = 0 || test $$rc = 75 || exit $$rc
 	$(BIN)/contrastive retrieval --model $(FLICKR_RUN) --data $(FLICKR_WORK)/shards/dev/00000.tar \

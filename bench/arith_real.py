@@ -46,7 +46,7 @@ def cifar_images(val_dir: Path, work: Path, *, max_images: int) -> Path:
     if not val_dir.is_dir():
         if val_dir != CIFAR_WORK / "split" / "val":
             raise UserError(f"--cifar-val {val_dir} does not exist")
-        from data_prep.cifar10 import main as cifar10
+        from contrastive.data_prep.cifar10 import main as cifar10
 
         if cifar10(["split", "--out", str(CIFAR_WORK)]) != 0:
             raise UserError("could not make the CIFAR-10 held-out split")
@@ -101,7 +101,7 @@ def run(argv: list[str]) -> None:
 
 
 def shards(prep_argv: list[str], out: Path) -> str:
-    from data_prep.cifar10 import shard_spec_of
+    from contrastive.data_prep.cifar10 import shard_spec_of
 
     shutil.rmtree(out, ignore_errors=True)
     run(["prep", *prep_argv, "--no-dedup", "--num-procs", "1"])

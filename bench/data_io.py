@@ -42,7 +42,7 @@ def make_set(folder: Path, *, num_shards: int, per_shard: int, side: int) -> tup
     import numpy as np
     from PIL import Image
 
-    from data_prep.shards import shard_spec, write_shard, write_sizes
+    from contrastive.data_prep.shards import shard_spec, write_shard, write_sizes
 
     if not (folder / "sizes.json").is_file():
         rng = np.random.default_rng(0)

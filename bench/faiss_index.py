@@ -38,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from eval.index import MIN_SPEEDUP, build_tuned_index, gpu_available, knn_recall, to_gpu  # noqa: E402
+from contrastive.eval.index import MIN_SPEEDUP, build_tuned_index, gpu_available, knn_recall, to_gpu  # noqa: E402
 
 KINDS = ("clustered", "uniform", "cifar10", "flickr8k")
 WORK = Path("/tmp/contrastive-faiss-bench")
@@ -92,7 +92,7 @@ def trained_model(args) -> Path:
     import shutil
 
     from contrastive.cli import main as contrastive
-    from data_prep.cifar10 import shard_spec_of
+    from contrastive.data_prep.cifar10 import shard_spec_of
 
     def run(argv: list[str]) -> None:
         print("$ contrastive " + " ".join(argv), flush=True)
@@ -123,7 +123,7 @@ def trained_model(args) -> Path:
 
 def cifar_split(args) -> Path:
     """The CIFAR-10 train/val ImageFolders (hard links), the val split being configs/cifar10_val.txt."""
-    from data_prep.cifar10 import DEFAULT_TAR, DEFAULT_VAL_LIST, read_val_list, split, unpack
+    from contrastive.data_prep.cifar10 import DEFAULT_TAR, DEFAULT_VAL_LIST, read_val_list, split, unpack
 
     out = args.work / "cifar10" / "split"
     split(unpack(DEFAULT_TAR, CIFAR_UNPACK), out, val_list=read_val_list(DEFAULT_VAL_LIST), train_per_class=2000)
@@ -156,7 +156,7 @@ def cifar10_collection(bundle, *, num_queries: int, seed: int) -> Collection:
     images indexed."""
     from PIL import Image, ImageOps
 
-    from data_prep.cifar10 import DEFAULT_TAR, DEFAULT_VAL_LIST, class_files, read_val_list, unpack
+    from contrastive.data_prep.cifar10 import DEFAULT_TAR, DEFAULT_VAL_LIST, class_files, read_val_list, unpack
 
     root = unpack(DEFAULT_TAR, CIFAR_UNPACK)
     paths = [f"{c}/{n}" for c, names in class_files(root).items() for n in names]

@@ -397,7 +397,7 @@ def sync_summary(watch: RunWatch, cfg) -> dict:
 def make_shards(check: Check) -> dict:
     if check.shards:
         return check.shards
-    from data_prep.synthetic import generate
+    from contrastive.data_prep.synthetic import generate
 
     size = 32 if check.args.tiny else 224
     out = check.work / f"shards_{size}px_{check.args.samples}"

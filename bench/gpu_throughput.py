@@ -475,7 +475,7 @@ def run_openclip(parts, source, num_steps: int, batch: int) -> None:
 def make_shards(args, image_size: int) -> str:
     if args.shards:
         return args.shards
-    from data_prep.synthetic import generate
+    from contrastive.data_prep.synthetic import generate
 
     out = Path(args.work) / f"shards_{image_size}px_{args.e2e_samples}"
     return generate(out, num_samples=args.e2e_samples, num_val=0, seed=0, image_size=image_size,

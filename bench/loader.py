@@ -76,9 +76,9 @@ def cifar_subset(work: Path, per_class: int) -> Path:
 
 
 def make_shards(work: Path, *, image_size: int, per_class: int) -> str:
-    from data_prep.build import BuildOptions
-    from data_prep.imagefolder import prep_imagefolder
-    from data_prep.images import ImageOptions
+    from contrastive.data_prep.build import BuildOptions
+    from contrastive.data_prep.imagefolder import prep_imagefolder
+    from contrastive.data_prep.images import ImageOptions
 
     out = work / f"shards-{image_size}-{per_class}"
     opts = BuildOptions(ImageOptions(image_size=image_size, resize_mode="center_crop", jpeg_quality=90),

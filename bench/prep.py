@@ -52,7 +52,7 @@ def bare(archive: Path, out: Path, opts) -> int:
     """The same per-image work in one loop: no parquet, no stats, no planning, no processes."""
     import webdataset as wds
 
-    from data_prep.images import process_image
+    from contrastive.data_prep.images import process_image
 
     out.mkdir(parents=True, exist_ok=True)
     classes: dict[str, int] = {}
@@ -75,7 +75,7 @@ def bare(archive: Path, out: Path, opts) -> int:
 
 
 def run_prep(archive: Path, out: Path, opts, num_procs: int) -> int:
-    from data_prep.imagefolder import prep_imagefolder
+    from contrastive.data_prep.imagefolder import prep_imagefolder
 
     summary = prep_imagefolder(archive, out, opts=opts, num_procs=num_procs, progress=False)
     assert summary["shards_kept"] == 0, "the output folder was not empty"
@@ -102,8 +102,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
-    from data_prep.build import BuildOptions
-    from data_prep.images import ImageOptions
+    from contrastive.data_prep.build import BuildOptions
+    from contrastive.data_prep.images import ImageOptions
 
     opts = BuildOptions(ImageOptions(image_size=args.image_size, resize_mode=args.resize_mode),
                         samples_per_shard=1000)

@@ -459,7 +459,7 @@ def load_both(cfg, *, ours_run: Path, openclip_ckpt: Path) -> tuple[dict, dict]:
 
 def score_zeroshot(bundles: dict, *, data: str, label_field: str, templates, classes, max_samples: int,
                    batch_size: int) -> dict:
-    from eval.zeroshot import LabelledImages, evaluate, load_templates
+    from contrastive.eval.zeroshot import LabelledImages, evaluate, load_templates
 
     templates = load_templates(templates)
     scores = {}
@@ -486,7 +486,7 @@ RECALL_KEYS = tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text") f
 
 def retrieval_metrics(bundle, data: str, *, batch_size: int, max_samples: int) -> dict:
     """Recall@1/5/10 both ways and mean_recall (the mean of the six) of `bundle` on captioned shards `data`."""
-    import eval.retrieval as retrieval
+    import contrastive.eval.retrieval as retrieval
 
     if hasattr(retrieval, "score_retrieval"):  # reads every caption of a sample (json "captions")
         out = dict(retrieval.score_retrieval(bundle, data, batch_size=batch_size, max_samples=max_samples))
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         templates = args.templates or (list(evaluator.templates) if evaluator and evaluator.templates else None)
         classes = None
         if args.classnames:
-            from eval.zeroshot import read_lines
+            from contrastive.eval.zeroshot import read_lines
 
             classes = read_lines(args.classnames, "classnames")
         elif evaluator and evaluator.classes:

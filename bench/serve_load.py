@@ -63,8 +63,8 @@ def build_index_dir(out: Path, *, model: Path, num_vectors: int, seed: int = 0) 
     import pandas as pd
 
     from contrastive.checkpoint import load_arch, find_weights
-    from eval.embed import IMG_DIR, META_DIR, TEXT_DIR
-    from eval.index import PARAMS_FILE, build_tuned_index, save_index
+    from contrastive.eval.embed import IMG_DIR, META_DIR, TEXT_DIR
+    from contrastive.eval.index import PARAMS_FILE, build_tuned_index, save_index
 
     if (out / PARAMS_FILE).is_file():
         return json.loads((out / PARAMS_FILE).read_text())

@@ -46,7 +46,7 @@ def main() -> None:
     from contrastive.losses import build_loss
     from contrastive.models import build_model
     from contrastive.train import class_keys, distinct_captions, train_step
-    from data_prep.cifar10 import CLASSES as classes
+    from contrastive.data_prep.cifar10 import CLASSES as classes
 
     cfg = load_config(args.config, [])
     world = init_distributed()

@@ -38,7 +38,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- prep
 
 def cmd_prep_synthetic(args) -> int:
-    from data_prep.synthetic import generate
+    from contrastive.data_prep.synthetic import generate
 
     if args.num_samples <= 0:
         raise UserError("--num-samples must be > 0")
@@ -54,8 +54,8 @@ def cmd_prep_synthetic(args) -> int:
 def _build_options(args):
     import math
 
-    from data_prep.build import BuildOptions
-    from data_prep.images import ImageOptions
+    from contrastive.data_prep.build import BuildOptions
+    from contrastive.data_prep.images import ImageOptions
 
     try:
         image = ImageOptions(image_size=args.image_size, resize_mode=args.resize_mode, jpeg_quality=args.jpeg_quality,
@@ -78,7 +78,7 @@ def _print_prep_summary(summary: dict, out_dir: Path) -> None:
 
 
 def cmd_prep_pairs(args) -> int:
-    from data_prep.pairs import prep_pairs
+    from contrastive.data_prep.pairs import prep_pairs
 
     summary = prep_pairs(args.input, args.out_dir, opts=_build_options(args), image_column=args.image_column,
                          caption_column=args.caption_column, image_root=args.image_root,
@@ -94,7 +94,7 @@ def cmd_prep_pairs(args) -> int:
 
 
 def cmd_prep_imagefolder(args) -> int:
-    from data_prep.imagefolder import prep_imagefolder
+    from contrastive.data_prep.imagefolder import prep_imagefolder
 
     summary = prep_imagefolder(args.root, args.out_dir, opts=_build_options(args), split=args.split,
                                templates_file=args.templates, classnames_file=args.classnames,
@@ -160,7 +160,7 @@ def cmd_config_show(args) -> int:
 # ---------------------------------------------------------------- zeroshot
 
 def cmd_zeroshot(args) -> int:
-    from eval.zeroshot import run_cli
+    from contrastive.eval.zeroshot import run_cli
 
     result = run_cli(args)
     if args.predict:
@@ -180,7 +180,7 @@ def cmd_zeroshot(args) -> int:
 # ---------------------------------------------------------------- retrieval
 
 def cmd_retrieval(args) -> int:
-    from eval.retrieval import run_cli
+    from contrastive.eval.retrieval import run_cli
 
     result = run_cli(args)
     m = result["metrics"]
@@ -195,7 +195,7 @@ def cmd_retrieval(args) -> int:
 # ---------------------------------------------------------------- index, search, arith-eval
 
 def cmd_index(args) -> int:
-    from eval.index import build_index_dir
+    from contrastive.eval.index import build_index_dir
 
     params = build_index_dir(model=args.model, data=args.data, out=args.out, batch_size=args.batch_size,
                              kind=args.index_type, target_recall=args.target_recall, nlist=args.nlist,
@@ -217,7 +217,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from eval.search import run_cli
+    from contrastive.eval.search import run_cli
 
     out = run_cli(args)
     if out["query"]["excluded_as_query_image"]:
@@ -231,14 +231,14 @@ def cmd_search(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from eval.serve import run_cli
+    from contrastive.eval.serve import run_cli
 
     run_cli(args)
     return 0
 
 
 def cmd_arith_eval(args) -> int:
-    from eval.arith import run_cli
+    from contrastive.eval.arith import run_cli
 
     result = run_cli(args)
     print(f"'{result['attribute']}' arithmetic on {result['num_queries']} queries from "
@@ -631,6 +631,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"contrastive {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name != "faiss":
+            raise
+        # faiss comes from one of two extras, as its CPU and GPU wheels both install the module `faiss`.
+        print(f"contrastive {args.command}: error: FAISS is not installed: pip install 'contrastive[cpu]' (faiss-cpu) "
+              f"or 'contrastive[gpu]' (faiss-gpu-cu12, which then replaces it)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"contrastive {args.command}: interrupted", file=sys.stderr)

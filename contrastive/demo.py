@@ -21,8 +21,8 @@ TASKS = {
 def run(out: Path, *, config: Path, num_samples: int, num_val: int, image_size: int, overrides: list[str]) -> dict:
     from contrastive.config import load_config
     from contrastive.train import train
-    from data_prep.synthetic import generate
-    from eval.zeroshot import LabelledImages, benchmark_json, evaluate
+    from contrastive.data_prep.synthetic import generate
+    from contrastive.eval.zeroshot import LabelledImages, benchmark_json, evaluate
     from contrastive.loading import load_for_inference
 
     start = time.time()

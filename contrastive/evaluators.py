@@ -24,8 +24,8 @@ from contrastive.distributed import host_all_gather, host_all_gather_object
 from contrastive.errors import UserError
 
 REGISTRY = {
-    "zeroshot": "eval.zeroshot:ZeroShotEvaluator",
-    "retrieval": "eval.retrieval:RetrievalEvaluator",
+    "zeroshot": "contrastive.eval.zeroshot:ZeroShotEvaluator",
+    "retrieval": "contrastive.eval.retrieval:RetrievalEvaluator",
 }
 
 

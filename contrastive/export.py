@@ -283,7 +283,7 @@ def write_embeddings(source: Source, bundle, out: Path, *, data: str | None, bat
     if not data:
         raise UserError("--format embeddings needs --data SHARDS (e.g. data/val/{00000..00003}.tar)")
     # eval/ builds on contrastive, not the other way round: reach the writer by name, as evaluators do.
-    embed = importlib.import_module("eval.embed")
+    embed = importlib.import_module("contrastive.eval.embed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bundle.model.to(device)
     try:

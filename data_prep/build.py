@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 from contrastive.errors import UserError
-from data_prep.images import IMAGE_SUFFIXES, ImageOptions, Skip, clean_caption, process_image
-from data_prep.shards import chunked, shard_done, shard_name, write_shard, write_sizes
+from contrastive.data_prep.images import IMAGE_SUFFIXES, ImageOptions, Skip, clean_caption, process_image
+from contrastive.data_prep.shards import chunked, shard_done, shard_name, write_shard, write_sizes
 
 PREP_FILE = "prep.json"
 MAX_SAMPLES_PER_SHARD = 10_000  # 4 digits of sample index in img2dataset's 9-digit keys
@@ -298,7 +298,7 @@ def build_shards(items: Iterable[Item], out_dir: Path, *, opts: BuildOptions, re
 
 def summarize(out_dir: Path) -> dict:
     """Totals over every shard's stats: inputs, samples, skips and conversions by reason."""
-    from data_prep.shards import SHARD_DIGITS
+    from contrastive.data_prep.shards import SHARD_DIGITS
 
     totals = {"num_shards": 0, "num_inputs": 0, "num_samples": 0, "skipped": Counter(), "converted": Counter()}
     for stats_file in sorted(out_dir.glob(f"{'[0-9]' * SHARD_DIGITS}_stats.json")):

@@ -5,7 +5,7 @@ ImageFolder root), drawn once by `make_val_list` with seed 0; keeping the list i
 even if the drawing code changes. The split folders hold hard links (copies where links fail) to the
 unpacked files, so splitting costs no extra disk.
 
-    python -m data_prep.cifar10 split --out /tmp/contrastive-cifar10   # -> .../split/train, .../split/val
+    python -m contrastive.data_prep.cifar10 split --out /tmp/contrastive-cifar10   # -> .../split/train, .../split/val
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def split(root: str | Path, out_dir: str | Path, *, val_list: list[str], train_p
 
 def shard_spec_of(folder: str | Path) -> str:
     """A brace spec covering the NNNNN.tar shards of a folder (as `prep` writes them)."""
-    from data_prep.shards import shard_name
+    from contrastive.data_prep.shards import shard_name
 
     folder = Path(folder)
     tars = sorted(p.name for p in folder.glob("[0-9]" * 5 + ".tar"))
@@ -153,7 +153,7 @@ def shard_spec_of(folder: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.cifar10", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m contrastive.data_prep.cifar10", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("split", help="unpack the tar and write OUT/split/train and OUT/split/val")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train: {result['num_train']} images in {result['train']}")
             print(f"val: {result['num_val']} images in {result['val']}")
     except UserError as e:
-        print(f"data_prep.cifar10: error: {e}", file=sys.stderr)
+        print(f"contrastive.data_prep.cifar10: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,8 +13,8 @@ open_clip_train's CSV loader (--csv-separator '\\t' --csv-img-key filepath --csv
 Deduplication is off so the splits keep their standard sizes: two train images (2851198725_37b6027625.jpg and
 3050606344_af711c726c.jpg) have the same bytes here but different captions.
 
-    python -m data_prep.flickr8k split --out /tmp/contrastive-flickr8k
-    python -m data_prep.flickr8k spec /tmp/contrastive-flickr8k/shards/train
+    python -m contrastive.data_prep.flickr8k split --out /tmp/contrastive-flickr8k
+    python -m contrastive.data_prep.flickr8k spec /tmp/contrastive-flickr8k/shards/train
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ import sys
 from pathlib import Path
 
 from contrastive.errors import UserError
-from data_prep.build import PREP_FILE, BuildOptions
-from data_prep.cifar10 import shard_spec_of, unpack
-from data_prep.images import ImageOptions, Skip, clean_caption
-from data_prep.pairs import KAGGLE_IMAGES, KAGGLE_TABLE, ImagesListFilter, is_kaggle_layout, prep_pairs, \
+from contrastive.data_prep.build import PREP_FILE, BuildOptions
+from contrastive.data_prep.cifar10 import shard_spec_of, unpack
+from contrastive.data_prep.images import ImageOptions, Skip, clean_caption
+from contrastive.data_prep.pairs import KAGGLE_IMAGES, KAGGLE_TABLE, ImagesListFilter, is_kaggle_layout, prep_pairs, \
     read_images_list, table_items
-from data_prep.shards import shard_done
+from contrastive.data_prep.shards import shard_done
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TAR = REPO.parent / "shared" / "data" / "flickr8k" / "flickr8k-trainval.tar"
@@ -131,7 +131,7 @@ def split(tar_path: Path, out_dir: Path, *, unpack_to: Path | None = None, max_i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.flickr8k", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m contrastive.data_prep.flickr8k", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("split", help="unpack the tar and write OUT/shards/{train,train_rows,dev} and "
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         results = split(args.tar, args.out, unpack_to=args.unpack_to, num_procs=args.num_procs,
                         max_images={"train": args.max_train, "dev": args.max_dev})
     except UserError as e:
-        print(f"data_prep.flickr8k: error: {e}", file=sys.stderr)
+        print(f"contrastive.data_prep.flickr8k: error: {e}", file=sys.stderr)
         return 2
     for part in PARTS:
         summary = results[part]

@@ -19,11 +19,11 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from contrastive.errors import UserError
-from data_prep.build import BuildOptions, Item, StreamDeduper, build_shards, is_safe_member, list_images, \
+from contrastive.data_prep.build import BuildOptions, Item, StreamDeduper, build_shards, is_safe_member, list_images, \
     mark_duplicates, tar_members
-from data_prep.images import IMAGE_SUFFIXES
-from data_prep.pairs import is_tar
-from data_prep.shards import shard_name
+from contrastive.data_prep.images import IMAGE_SUFFIXES
+from contrastive.data_prep.pairs import is_tar
+from contrastive.data_prep.shards import shard_name
 
 # A small generic subset of CLIP's prompt ensemble; --templates replaces it.
 DEFAULT_TEMPLATES = (

@@ -9,9 +9,9 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from contrastive.errors import UserError
-from data_prep.build import PREP_FILE, BuildOptions, Item, StreamDeduper, build_shards, list_images, \
+from contrastive.data_prep.build import PREP_FILE, BuildOptions, Item, StreamDeduper, build_shards, list_images, \
     mark_duplicates, tar_members
-from data_prep.images import IMAGE_SUFFIXES
+from contrastive.data_prep.images import IMAGE_SUFFIXES
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 # A .txt input is read as a CSV table: Kaggle's Flickr8k/Flickr30k `captions.txt` (header `image,caption`).

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.shards import shard_done, shard_spec, write_shard, write_sizes
+from contrastive.data_prep.shards import shard_done, shard_spec, write_shard, write_sizes
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 COLORS = {

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from contrastive.errors import UserError
-from eval.index import search_excluding
+from contrastive.eval.index import search_excluding
 
 METHODS = ("arithmetic", "image_only", "text_only", "image_plus_text")
 DEFAULT_KS = (1, 5, 10)
@@ -166,8 +166,8 @@ def default_templates(attribute: str) -> list[str]:
     """The value texts' templates when --templates is not given: a caption rule's own (eval/caption_attributes.py),
     CLIP's 18 CIFAR templates for the class of a classification set (`prep imagefolder` writes it as
     `classname`; the recipe's captions and its zero-shot use the same ones), else the synthetic set's."""
-    from eval.caption_attributes import RULES
-    from eval.zeroshot import load_templates
+    from contrastive.eval.caption_attributes import RULES
+    from contrastive.eval.zeroshot import load_templates
 
     if attribute in RULES:
         return list(RULES[attribute].templates)
@@ -184,8 +184,8 @@ def join_labels(frame, labels, *, source: str):
     """`frame` with the attribute columns of `labels` (an `image` column of file names, one column per
     attribute) joined by file name without its suffix, matched against the index's `url` column (the input path
     `prep` records) or else its sample keys. Unmatched index rows get no value."""
-    from eval.caption_attributes import IMAGE_COLUMN
-    from eval.embed import RESERVED_COLUMNS
+    from contrastive.eval.caption_attributes import IMAGE_COLUMN
+    from contrastive.eval.embed import RESERVED_COLUMNS
 
     if IMAGE_COLUMN not in labels.columns:
         raise UserError(f"{source} has no {IMAGE_COLUMN!r} column (its columns are {list(labels.columns)})")
@@ -213,7 +213,7 @@ def read_labels(args, frame):
     """The attribute table named by --labels or --attributes-from-captions (None: the index's metadata only)."""
     import pandas as pd
 
-    from eval.caption_attributes import attribute_table, captions_of_index, read_captions
+    from contrastive.eval.caption_attributes import attribute_table, captions_of_index, read_captions
 
     if args.labels and args.attributes_from_captions is not None:
         raise UserError("give --labels or --attributes-from-captions, not both")
@@ -230,7 +230,7 @@ def read_labels(args, frame):
 
 def value_embeddings(bundle, values: list[str], templates: list[str]) -> dict:
     """{value: unit text embedding}, each the normalised mean over the templates (as zero-shot class weights)."""
-    from eval.zeroshot import class_embeddings
+    from contrastive.eval.zeroshot import class_embeddings
 
     weights_VD = class_embeddings(bundle.model, bundle.tokenizer, values, templates)
     return {v: weights_VD[i].float().cpu().numpy() for i, v in enumerate(values)}
@@ -239,10 +239,10 @@ def value_embeddings(bundle, values: list[str], templates: list[str]) -> dict:
 def run_cli(args) -> dict:
     """`contrastive arith-eval`: load the index directory and its model, evaluate, write JSON and a chart."""
     from contrastive.loading import load_for_inference
-    from eval.gpu import move_to_gpu
-    from eval.plots import plot_arithmetic
-    from eval.search import Gallery
-    from eval.zeroshot import load_templates
+    from contrastive.eval.gpu import move_to_gpu
+    from contrastive.eval.plots import plot_arithmetic
+    from contrastive.eval.search import Gallery
+    from contrastive.eval.zeroshot import load_templates
 
     gallery = Gallery(args.index)
     frame = gallery.metadata
@@ -250,7 +250,7 @@ def run_cli(args) -> dict:
     if labels is not None:
         frame = join_labels(frame, labels, source=labels_source)
     if args.attribute not in frame.columns:
-        from eval.caption_attributes import RULES
+        from contrastive.eval.caption_attributes import RULES
 
         attrs = [c for c in frame.columns if c not in ("image_path", "caption", "key")]
         hint = "; read it from captions with --attributes-from-captions" if args.attribute in RULES else ""

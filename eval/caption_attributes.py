@@ -10,7 +10,7 @@ Rules (lower-cased words; punctuation ends a phrase):
 An image takes value V for an attribute when at least `MIN_AGREE` of its captions name V and none names another
 value of that attribute; otherwise it has no value (it stays in the gallery but is never a query or a hit).
 
-    python -m eval.caption_attributes captions.txt --images-list Flickr_8k.devImages.txt --output labels.csv
+    python -m contrastive.eval.caption_attributes captions.txt --images-list Flickr_8k.devImages.txt --output labels.csv
 """
 from __future__ import annotations
 
@@ -97,8 +97,8 @@ def attribute_table(captions_by_image: dict[str, list[str]], *, attributes: tupl
 def read_captions(path: str | Path, *, images_list: str | Path | None = None) -> dict[str, list[str]]:
     """{image file name: its captions in file order} from a Kaggle-style CSV (`image,caption`, a row per caption),
     restricted to the names in `images_list` (one per line) when given."""
-    from data_prep.pairs import read_images_list
-    from eval.captioned import read_kaggle_captions
+    from contrastive.data_prep.pairs import read_images_list
+    from contrastive.eval.captioned import read_kaggle_captions
 
     path = Path(path)
     if not path.is_file():
@@ -118,7 +118,7 @@ def captions_of_index(frame) -> dict[str, list[str]]:
     where there is one, else the caption split into lines (CLIP_benchmark's multi-line .txt)."""
     import json
 
-    from eval.captioned import caption_list
+    from contrastive.eval.captioned import caption_list
 
     keys = frame["image_path"].astype(str).tolist()
     if "captions" in frame.columns:
@@ -135,7 +135,7 @@ def value_counts(table) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.caption_attributes", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m contrastive.eval.caption_attributes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("captions", type=Path, help="Kaggle-style captions CSV: image,caption (a row per caption)")
     parser.add_argument("--images-list", type=Path, default=None, help="keep only these images (one name a line)")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         table = attribute_table(read_captions(args.captions, images_list=args.images_list),
                                 min_agree=args.min_agree)
     except UserError as e:
-        print(f"eval.caption_attributes: error: {e}", file=sys.stderr)
+        print(f"contrastive.eval.caption_attributes: error: {e}", file=sys.stderr)
         return 2
     args.output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.output, index=False)

@@ -71,7 +71,7 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
 def read_images_list(path: str | Path) -> list[str]:
     """A split file's image names (data_prep.pairs reads them for `prep pairs --images-list`; imported here when
     needed, as data_prep's shard writer is slow to import)."""
-    from data_prep.pairs import read_images_list as read
+    from contrastive.data_prep.pairs import read_images_list as read
 
     return read(Path(path))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from contrastive.errors import UserError
-from eval.gpu import gpu_available, move_to_gpu, to_gpu
+from contrastive.eval.gpu import gpu_available, move_to_gpu, to_gpu
 
 INDEX_FILE = "image.index"
 PARAMS_FILE = "index.json"
@@ -505,8 +505,8 @@ def clear_index_dir(directory: Path, *, overwrite: bool) -> None:
     """Refuse to write over an existing index unless asked; then remove only what `contrastive index` wrote."""
     import shutil
 
-    from eval.embed import IMG_DIR, META_DIR, TEXT_DIR
-    from eval.image_store import LOCATIONS_FILE
+    from contrastive.eval.embed import IMG_DIR, META_DIR, TEXT_DIR
+    from contrastive.eval.image_store import LOCATIONS_FILE
 
     ours = [directory / name for name in (IMG_DIR, TEXT_DIR, META_DIR, INDEX_FILE, PARAMS_FILE, TEXT_INDEX_FILE,
                                           TEXT_PARAMS_FILE, LOCATIONS_FILE)]
@@ -521,8 +521,8 @@ def indexed_captions(bundle, meta, text_ND: np.ndarray, *, batch_size: int) -> t
     """(caption_MD, caption -> row) of every caption of each indexed row: its JSON's `captions` list, else its
     caption's lines (eval/captioned.py). The index holds one text embedding per row (of the sample's .txt), which
     serves as is when that is the row's only caption; otherwise the captions are encoded here."""
-    from eval.captioned import caption_list
-    from eval.retrieval import captions_of, encode_captions
+    from contrastive.eval.captioned import caption_list
+    from contrastive.eval.retrieval import captions_of, encode_captions
 
     def listed(extra):  # eval/embed.py stores a JSON list as its JSON text
         try:
@@ -549,8 +549,8 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
 
     from contrastive.loading import load_for_inference
     from contrastive.data import expand_sources
-    from eval.embed import IMAGE_KEYS, read_embeddings, write_embeddings
-    from eval.image_store import LOCATIONS_FILE, record_locations
+    from contrastive.eval.embed import IMAGE_KEYS, read_embeddings, write_embeddings
+    from contrastive.eval.image_store import LOCATIONS_FILE, record_locations
 
     if not 0 < target_recall <= 1:
         raise UserError(f"--target-recall must be in (0, 1], got {target_recall}")
@@ -587,7 +587,7 @@ def build_index_dir(*, model: str, data: str, out: str | Path, batch_size: int =
         params.extra["text_index"] = {"type": text_params.type, "factory": text_params.factory,
                                       "nprobe": text_params.nprobe, "measured_recall": text_params.measured_recall}
     if retrieval_metrics:  # each image with every caption of it, exact and chunked (eval/retrieval.py)
-        from eval.retrieval import retrieval_recall
+        from contrastive.eval.retrieval import retrieval_recall
 
         params.extra["retrieval"] = retrieval_recall(image_ND, *indexed_captions(bundle, meta, text_ND,
                                                                                  batch_size=batch_size))

@@ -32,7 +32,7 @@ def pair_scores(image_ND: np.ndarray, text_MD: np.ndarray, text_to_image_M: np.n
 def _flat_index(gallery_ND: np.ndarray, use_gpu: bool):
     import faiss
 
-    from eval.gpu import to_gpu
+    from contrastive.eval.gpu import to_gpu
 
     index = faiss.IndexFlatIP(gallery_ND.shape[1])
     index.add(np.ascontiguousarray(gallery_ND, dtype=np.float32))
@@ -124,7 +124,7 @@ class RetrievalEvaluator:
     shard spec or a folder eval/captioned.py reads), every caption of each image."""
 
     def __init__(self, cfg: EvaluatorConfig, *, batch_size: int = 256):
-        from eval.captioned import open_captioned
+        from contrastive.eval.captioned import open_captioned
 
         if not cfg.data:
             raise UserError("the retrieval evaluator needs `data` (a shard spec of image-caption pairs)")
@@ -163,7 +163,7 @@ def embed_captioned(bundle, data: str, *, batch_size: int = 256, max_samples: in
     from contrastive.data import decode_image
     from contrastive.distributed import rank_and_world_size
     from contrastive.evaluators import FeatureEncoder, encode_sharded
-    from eval.captioned import open_captioned
+    from contrastive.eval.captioned import open_captioned
 
     model = bundle.model
     source = open_captioned(data, images_list=images_list)
@@ -222,8 +222,8 @@ def run_cli(args) -> dict:
     from pathlib import Path
 
     from contrastive.loading import load_for_inference
-    from eval.captioned import open_captioned
-    from eval.gpu import move_to_gpu
+    from contrastive.eval.captioned import open_captioned
+    from contrastive.eval.gpu import move_to_gpu
 
     if args.batch_size <= 0 or args.max_samples < 0:
         raise UserError("--batch-size must be > 0 and --max-samples >= 0")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from contrastive.errors import UserError
-from eval.index import TEXT_INDEX_FILE, TEXT_PARAMS_FILE, load_index, read_params, search_excluding
+from contrastive.eval.index import TEXT_INDEX_FILE, TEXT_PARAMS_FILE, load_index, read_params, search_excluding
 
 KEY_COLUMN = "image_path"  # eval/embed.py stores the sample key under clip-retrieval's column name
 # An image embedding this close to the query image's is the query image itself (float16 storage moves the
@@ -34,7 +34,7 @@ class Gallery:
     def __init__(self, directory: str | Path, *, use_gpu: bool = True):
         import pandas as pd
 
-        from eval.embed import IMG_DIR, META_DIR
+        from contrastive.eval.embed import IMG_DIR, META_DIR
 
         self.dir = Path(directory)
         self.params = read_params(self.dir)
@@ -256,7 +256,7 @@ def rank(gallery: Gallery, query_D: np.ndarray, *, k: int, modality: str = "imag
 def run_cli(args) -> dict:
     """`contrastive search`: compose the query, search, print results, optionally write a grid and JSON."""
     from contrastive.loading import load_for_inference
-    from eval.gpu import move_to_gpu
+    from contrastive.eval.gpu import move_to_gpu
 
     if args.k <= 0:
         raise UserError(f"-k must be > 0, got {args.k}")
@@ -294,7 +294,7 @@ def run_cli(args) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     if args.grid:
-        from eval.plots import contact_sheet
+        from contrastive.eval.plots import contact_sheet
 
         data = gallery.params.extra.get("data", "")
         images = fetch_images(data, [r[KEY_COLUMN] for r in results]) if data else {}

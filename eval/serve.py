@@ -109,9 +109,9 @@ class SearchService:
     def __init__(self, index_dir: str | Path, *, model: str | None = None, limits: Limits | None = None,
                  concurrent_queries: int = 1, threads_per_query: int | None = None):
         from contrastive.checkpoint import load_for_inference
-        from eval.image_store import ImageStore
-        from eval.index import move_to_gpu
-        from eval.search import Gallery
+        from contrastive.eval.image_store import ImageStore
+        from contrastive.eval.index import move_to_gpu
+        from contrastive.eval.search import Gallery
 
         self.limits = limits or Limits()
         self.gallery = Gallery(index_dir)
@@ -178,7 +178,7 @@ class SearchService:
         """Rank a validated query; every client mistake is an ApiError."""
         import numpy as np
 
-        from eval.search import encode_query, rank
+        from contrastive.eval.search import encode_query, rank
 
         lim = self.limits
         if not 1 <= request.k <= lim.max_k:

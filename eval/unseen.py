@@ -4,7 +4,7 @@ Every image is classified over ALL classes (e.g. the ten CIFAR-10 classes); accu
 separately on images of seen and of unseen classes, with their harmonic mean (the usual generalised
 zero-shot summary), plus the accuracy on unseen images when only the unseen classes compete.
 
-    python -m eval.unseen --data /tmp/contrastive-cifar10-unseen/split/val --unseen cat,truck --templates cifar \
+    python -m contrastive.eval.unseen --data /tmp/contrastive-cifar10-unseen/split/val --unseen cat,truck --templates cifar \
         --model pretrained=runs/cifar10_lit --model random=runs/cifar10_lit_random --output runs/cifar10_unseen.json
 
 Letters in names: N images, C classes.
@@ -65,7 +65,7 @@ def evaluate_models(models: list[tuple[str, str]], *, data: str, unseen: Sequenc
                     max_samples: int = 0) -> dict:
     """{"models": {name: metrics}} for each (name, run/checkpoint path), all on the same images and prompts."""
     from contrastive.loading import load_for_inference
-    from eval.zeroshot import LabelledImages, evaluate, load_templates
+    from contrastive.eval.zeroshot import LabelledImages, evaluate, load_templates
 
     images = LabelledImages(data, label_field=label_field, classes=classes, max_samples=max_samples)
     missing = [c for c in unseen if c not in images.classes]
@@ -97,7 +97,7 @@ def _model_arg(value: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.unseen", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m contrastive.eval.unseen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, type=_model_arg, metavar="[NAME=]PATH",
                         help="run directory, checkpoint or export; repeat to compare models on the same images")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_models(args.model, data=args.data, unseen=unseen, templates=args.templates, classes=classes,
                                  label_field=args.label_field, batch_size=args.batch_size, max_samples=args.max_samples)
     except UserError as e:
-        print(f"eval.unseen: error: {e}", file=sys.stderr)
+        print(f"contrastive.eval.unseen: error: {e}", file=sys.stderr)
         return 2
     print(f"zero-shot over all {len(result['classes'])} classes; unseen in training: {', '.join(result['unseen'])}")
     print(table(result))

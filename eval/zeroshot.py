@@ -367,7 +367,7 @@ def resolve_data(data: str, *, split: str = "test") -> tuple[str, dict]:
 @torch.no_grad()
 def predict(bundle, paths: Sequence[str], classes: Sequence[str], templates, *, top_k: int = 5) -> list[dict]:
     """Top-k labels with probabilities (softmax of the model's own logit scale times cosine) per image file."""
-    from eval.search import read_image
+    from contrastive.eval.search import read_image
 
     images = [read_image(p) for p in paths]  # every file is checked before any work
     model = bundle.model
@@ -384,7 +384,7 @@ def run_cli(args) -> dict:
     """`contrastive zeroshot`: evaluate a saved model on a labelled set (CLIP_benchmark-shaped JSON), or predict
     labels of single images with --predict."""
     from contrastive.loading import load_for_inference
-    from eval.gpu import move_to_gpu
+    from contrastive.eval.gpu import move_to_gpu
 
     if args.top_k <= 0:
         raise UserError(f"--top-k must be > 0, got {args.top_k}")
@@ -423,7 +423,7 @@ def run_cli(args) -> dict:
                                 num_images=out["num_images"], num_skipped=out["num_skipped"],
                                 classes=images.classes, label_field=args.label_field or "cls")
         if args.confusion_matrix:
-            from eval.plots import confusion_matrix, plot_confusion
+            from contrastive.eval.plots import confusion_matrix, plot_confusion
 
             matrix = confusion_matrix(out["labels"].numpy(), out["logits"].argmax(dim=1).numpy(),
                                       len(images.classes))

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> dict:
     """512 training and 128 validation samples at 32 px, in shards of 128."""
-    from data_prep.synthetic import generate
+    from contrastive.data_prep.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     specs = generate(out, num_samples=512, num_val=128, seed=3, image_size=32, samples_per_shard=128,

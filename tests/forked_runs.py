@@ -52,7 +52,7 @@ def serve() -> None:
     os.dup2(2, 1)  # whatever the imports print must not reach the reply pipe
     import contrastive.cli  # noqa: F401
     import contrastive.train  # noqa: F401
-    import eval.zeroshot  # noqa: F401
+    import contrastive.eval.zeroshot  # noqa: F401
     import open_clip  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401
     from contrastive.engine import import_deepspeed

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from contrastive.errors import UserError
-from eval.arith import arithmetic_eval, build_queries
+from contrastive.eval.arith import arithmetic_eval, build_queries
 
 COLORS = ["blue", "green", "red"]
 SHAPES = ["circle", "square"]

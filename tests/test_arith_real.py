@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from eval.zeroshot import load_templates
+from contrastive.eval.zeroshot import load_templates
 from tests.test_search import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from contrastive.errors import UserError
-from eval.arith import join_labels
-from eval.caption_attributes import ANIMAL, CLOTHING_COLOR, agreed_value, attribute_table, captions_of_index, \
+from contrastive.eval.arith import join_labels
+from contrastive.eval.caption_attributes import ANIMAL, CLOTHING_COLOR, agreed_value, attribute_table, captions_of_index, \
     read_captions, values_named
 
 

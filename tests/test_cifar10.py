@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from contrastive.errors import UserError
-from data_prep import cifar10
+from contrastive.data_prep import cifar10
 from tests.conftest import REPO
 
 
@@ -127,7 +127,7 @@ def test_shard_spec_of(tmp_path):
 def test_recipe_configs_load_and_evaluate_on_the_held_out_split(name):
     from contrastive.config import load_config
     from contrastive.models import get_open_clip_config
-    from eval.zeroshot import load_templates
+    from contrastive.eval.zeroshot import load_templates
 
     cfg = load_config(REPO / "configs" / name)
     arch = get_open_clip_config(cfg.model.name)

@@ -16,7 +16,7 @@ from contrastive.config import DataConfig
 from contrastive.data import TrainLoader, decode_image, fast_preprocess, shard_sizes
 from contrastive.distributed import WorldInfo
 from contrastive.errors import UserError
-from data_prep.shards import write_shard, write_sizes
+from contrastive.data_prep.shards import write_shard, write_sizes
 
 
 def _jpeg(seed: int, side: int = 8) -> bytes:

@@ -19,7 +19,7 @@ from contrastive.data import SlotState, StreamSpec, TrainLoader, _SlotStream
 from contrastive.distributed import WorldInfo
 from contrastive.shard_reader import build_index, index_file, load_index, read_shard, shuffle_order
 from contrastive.sharding import make_seed
-from data_prep.shards import write_shard, write_sizes
+from contrastive.data_prep.shards import write_shard, write_sizes
 from tests.dist import run_ranks
 
 

@@ -59,8 +59,8 @@ def _bundle(weights: str | None = None):
 
 
 def _evaluate_on_ranks(rank: int, world_size: int, weights: str, spec: str) -> dict:
-    from eval.retrieval import embed_captioned
-    from eval.zeroshot import LabelledImages, evaluate
+    from contrastive.eval.retrieval import embed_captioned
+    from contrastive.eval.zeroshot import LabelledImages, evaluate
 
     torch.set_num_threads(1)
     bundle = _bundle(weights)
@@ -138,8 +138,8 @@ def test_evaluators_run_in_the_training_loop(tmp_path, tiny_overrides, eval_shar
     but the smallest of a real model's, and evaluation must go through the module's forward."""
     from contrastive.loading import load_for_inference
     from contrastive.config import EvaluatorConfig
-    from eval.retrieval import RetrievalEvaluator
-    from eval.zeroshot import LabelledImages, evaluate
+    from contrastive.eval.retrieval import RetrievalEvaluator
+    from contrastive.eval.zeroshot import LabelledImages, evaluate
 
     run = tmp_path / "run"
     evaluators = (f"eval.evaluators=[{{name: zeroshot, data: {eval_shard}, label_field: color, "

@@ -67,7 +67,7 @@ def max_diff(a, b) -> float:
 
 
 def zero_shot(model, preprocess, tokenizer, data) -> dict:
-    from eval.zeroshot import LabelledImages, evaluate
+    from contrastive.eval.zeroshot import LabelledImages, evaluate
 
     images = LabelledImages(data["val"], label_field="color")
     return evaluate(model, preprocess, tokenizer, images, ["a {c} shape", "something {c}"], batch_size=64)
@@ -235,7 +235,7 @@ def test_hf_tokenizer_gives_open_clip_ids_without_padding():
 
 def test_embeddings_export_equals_the_model_and_lines_up_with_metadata(run, synthetic_data, tmp_path):
     from contrastive.data import eval_samples
-    from eval.embed import read_embeddings
+    from contrastive.eval.embed import read_embeddings
 
     run_dir, bundle = run
     out = tmp_path / "emb"

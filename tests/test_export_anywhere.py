@@ -177,7 +177,7 @@ def test_clip_benchmark_classifies_a_folder_with_the_open_clip_export(tmp_path, 
     """The CIFAR recipe's architecture (cifar-convnet-xs), its export evaluated by CLIP_benchmark on an image
     folder, against our own zero-shot evaluator on the same folder."""
     from contrastive.loading import load_for_inference
-    from eval.zeroshot import LabelledImages, evaluate
+    from contrastive.eval.zeroshot import LabelledImages, evaluate
 
     run, _ = make_run(tmp_path, synthetic_data, name="cifar", overrides=["model.name=cifar-convnet-xs"])
     out = Path(export(run, "open_clip", tmp_path / "cifar-open_clip")["out"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from contrastive.faults import fault_point
-from eval.zeroshot import ZeroShotEvaluator
+from contrastive.eval.zeroshot import ZeroShotEvaluator
 from tests.conftest import REPO
 from tests.forked_runs import ForkServer
 

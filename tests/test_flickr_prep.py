@@ -17,11 +17,11 @@ from contrastive.config import ConfigError, DataConfig
 from contrastive.data import TrainLoader
 from contrastive.distributed import WorldInfo
 from contrastive.errors import UserError
-from data_prep import flickr8k
-from data_prep.build import BuildOptions
-from data_prep.images import ImageOptions
-from data_prep.pairs import prep_pairs
-from data_prep.shards import write_shard, write_sizes
+from contrastive.data_prep import flickr8k
+from contrastive.data_prep.build import BuildOptions
+from contrastive.data_prep.images import ImageOptions
+from contrastive.data_prep.pairs import prep_pairs
+from contrastive.data_prep.shards import write_shard, write_sizes
 from tests.test_data import _jpeg
 from tests.test_prep import _encode, _photo, _samples
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from contrastive.errors import UserError
-from eval.index import (IndexSpec, build_tuned_index, choose_spec, default_nlist, exact_knn, knn_recall,
+from contrastive.eval.index import (IndexSpec, build_tuned_index, choose_spec, default_nlist, exact_knn, knn_recall,
                         load_index, save_index, search_excluding, set_nprobe)
 
 
@@ -97,7 +97,7 @@ def test_auto_choice_falls_back_to_exact_search_unless_memory_forbids_it():
 
 
 def test_exact_reference_leaves_out_rows_the_index_does_not_hold():
-    from eval.index import search_excluding_exact
+    from contrastive.eval.index import search_excluding_exact
 
     base = uniform(3_000, 8, seed=7)
     absent = np.zeros(3_000, dtype=bool)
@@ -212,7 +212,7 @@ class _FakeGpu:
 def test_gpu_path_moves_indexes_and_falls_back_to_the_cpu(monkeypatch, tmp_path):
     """Without a GPU here, the GPU code path runs against a stand-in: IVF indexes go through index_cpu_to_gpu
     (float16 lookup tables for IVF-PQ only), save as CPU indexes, and a refusal keeps the CPU index."""
-    from eval.index import gpu_available, to_gpu
+    from contrastive.eval.index import gpu_available, to_gpu
 
     fake = _FakeGpu()
     gpu_type = fake.install(monkeypatch)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from contrastive.cli import main
 from contrastive.errors import UserError
-from data_prep.build import BuildOptions
-from data_prep.images import ImageOptions
-from data_prep.pairs import prep_pairs
+from contrastive.data_prep.build import BuildOptions
+from contrastive.data_prep.images import ImageOptions
+from contrastive.data_prep.pairs import prep_pairs
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.build import BuildOptions
-from data_prep.imagefolder import DEFAULT_TEMPLATES, prep_imagefolder
-from data_prep.images import ImageOptions
+from contrastive.data_prep.build import BuildOptions
+from contrastive.data_prep.imagefolder import DEFAULT_TEMPLATES, prep_imagefolder
+from contrastive.data_prep.images import ImageOptions
 
 # The shared archive beside the checkout (../shared), or where this project's machines keep it (a fresh clone
 # elsewhere, as CI makes), or CONTRASTIVE_CIFAR10_TAR.
@@ -121,7 +121,7 @@ def test_prepared_set_is_read_by_zeroshot_and_by_the_loader(cifar_subset, tmp_pa
     from contrastive.config import DataConfig
     from contrastive.data import TrainLoader
     from contrastive.distributed import WorldInfo
-    from eval.zeroshot import LabelledImages, shard_classnames
+    from contrastive.eval.zeroshot import LabelledImages, shard_classnames
 
     opts = BuildOptions(ImageOptions(image_size=32, resize_mode="center_crop"), samples_per_shard=100)
     prep_imagefolder(cifar_subset["tar"], tmp_path / "set", opts=opts, split="test", num_procs=1, progress=False)

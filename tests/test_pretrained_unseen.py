@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from eval.unseen import main, seen_unseen_metrics
+from contrastive.eval.unseen import main, seen_unseen_metrics
 
 
 def test_metrics_on_hand_made_logits():
@@ -33,7 +33,7 @@ def test_cli_agrees_with_the_zero_shot_evaluator(tmp_path, tiny_overrides, synth
     from contrastive.loading import load_for_inference
     from contrastive.config import load_config
     from contrastive.train import train
-    from eval.zeroshot import LabelledImages, evaluate, load_templates
+    from contrastive.eval.zeroshot import LabelledImages, evaluate, load_templates
 
     run = tmp_path / "run"
     train(load_config(None, tiny_overrides), run, progress=False)

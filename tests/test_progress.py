@@ -79,7 +79,7 @@ def test_iterating_a_sized_iterable_and_the_with_statement():
 
 
 def test_commands_write_plain_lines_to_a_log(tmp_path, capsys):
-    from data_prep.synthetic import generate
+    from contrastive.data_prep.synthetic import generate
 
     generate(tmp_path, num_samples=40, num_val=0, seed=0, image_size=16, samples_per_shard=20, num_procs=1)
     err = capsys.readouterr().err  # pytest's captured stderr is not a terminal

@@ -255,7 +255,7 @@ def test_wrapper_stops_at_the_deadline_with_a_checkpoint_and_a_clean_exit(tmp_pa
 
 
 def test_retrieval_score_is_the_mean_of_the_six_recalls_from_the_shared_scorer(monkeypatch):
-    import eval.retrieval as retrieval
+    import contrastive.eval.retrieval as retrieval
 
     recalls = {k: v for k, v in zip(bench.RECALL_KEYS, (0.1, 0.3, 0.5, 0.2, 0.4, 0.9))}
     calls = []

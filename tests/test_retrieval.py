@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import eval.retrieval as retrieval
+import contrastive.eval.retrieval as retrieval
 from contrastive.errors import UserError
-from eval.retrieval import captions_of, retrieval_recall
+from contrastive.eval.retrieval import captions_of, retrieval_recall
 
 KS = (1, 5, 10)
 
@@ -128,7 +128,7 @@ def test_bad_caption_owner_is_a_user_error():
 
 
 def test_captions_of_a_sample_json_list_else_txt_lines():
-    from eval.captioned import sample_captions
+    from contrastive.eval.captioned import sample_captions
 
     as_json = {"txt": b"a red circle", "json": json.dumps({"captions": ["a red circle", " a round red thing "]})}
     assert sample_captions(as_json) == ["a red circle", "a round red thing"]
@@ -227,7 +227,7 @@ def flickr_like(tmp_path_factory) -> dict:
 
 
 def test_three_layouts_read_the_same_images_and_captions(flickr_like, tmp_path):
-    from eval.captioned import open_captioned
+    from contrastive.eval.captioned import open_captioned
 
     f = flickr_like
     want = list(zip(f["names"], f["captions"]))
@@ -250,7 +250,7 @@ def test_three_layouts_read_the_same_images_and_captions(flickr_like, tmp_path):
 
 
 def test_captioned_set_mistakes_are_user_errors(flickr_like, tmp_path):
-    from eval.captioned import open_captioned
+    from contrastive.eval.captioned import open_captioned
 
     f = flickr_like
     with pytest.raises(UserError, match="a shard set is its own split"):
@@ -344,8 +344,8 @@ def test_index_retrieval_metrics_pair_every_caption(flickr_like, tmp_path):
     """`index --retrieval-metrics` on a set with several captions per image (JSON lists and multi-line .txt)
     scores every caption of each image, not one text per sample."""
     from contrastive.loading import load_for_inference
-    from eval.embed import read_embeddings
-    from eval.index import build_index_dir
+    from contrastive.eval.embed import read_embeddings
+    from contrastive.eval.index import build_index_dir
     from tests.test_search import save_random_model
 
     f = flickr_like
@@ -375,7 +375,7 @@ def test_agrees_with_clip_benchmark_zeroshot_retrieval(tmp_path):
 
     from contrastive.config import ModelConfig
     from contrastive.models import build_model
-    from eval.retrieval import score_retrieval
+    from contrastive.eval.retrieval import score_retrieval
 
     f = build_flickr_like(tmp_path, num_images=40)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 
 from contrastive.cli import main
 from contrastive.errors import UserError
-from eval.search import compose_query
+from contrastive.eval.search import compose_query
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def run(args, capsys):
 
 
 def test_index_directory_layout(built):
-    from eval.embed import read_embeddings
+    from contrastive.eval.embed import read_embeddings
 
     index = built["index"]
     params = json.loads((index / "index.json").read_text())
@@ -68,7 +68,7 @@ def test_index_directory_layout(built):
     assert image.dtype == np.float16 and image.shape == (128, 64) and text.shape == (128, 64)
     assert np.allclose(np.linalg.norm(image.astype(np.float32), axis=1), 1, atol=2e-3)
     assert {"image_path", "caption", "color", "shape", "size"} <= set(meta.columns)
-    from eval.search import Gallery
+    from contrastive.eval.search import Gallery
 
     # Retrieval of each image with its own caption, against the full-matrix reference on the stored embeddings.
     from tests.test_retrieval import reference_recall
@@ -83,8 +83,8 @@ def test_index_directory_layout(built):
 
 def test_text_search_matches_brute_force(built, tmp_path, capsys):
     from contrastive.loading import load_for_inference
-    from eval.embed import read_embeddings
-    from eval.search import encode_texts
+    from contrastive.eval.embed import read_embeddings
+    from contrastive.eval.search import encode_texts
 
     out = tmp_path / "r.json"
     code, stdout, err = run(["search", "--index", str(built["index"]), "--text", "a red circle", "-k", "5",
@@ -106,7 +106,7 @@ def test_text_search_matches_brute_force(built, tmp_path, capsys):
 
 
 def test_image_arithmetic_excludes_the_query_image(built, tmp_path, capsys):
-    from eval.embed import read_embeddings
+    from contrastive.eval.embed import read_embeddings
 
     _, _, meta = read_embeddings(built["index"])
     key = meta["image_path"][0]
@@ -202,7 +202,7 @@ def test_compose_query():
 def test_search_by_an_indexed_key_alone(built, tmp_path, capsys):
     """The stored embedding is the query: no model is loaded, the key itself never comes back, and the order
     is that of the stored embeddings' cosine similarities."""
-    from eval.search import Gallery
+    from contrastive.eval.search import Gallery
 
     gallery = Gallery(built["index"])
     key = gallery.keys[7]

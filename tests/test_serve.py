@@ -30,7 +30,7 @@ def served(tmp_path_factory, synthetic_data):
     """A tiny random model, an exact index (with captions) of the 128 validation samples, the service on it."""
     from fastapi.testclient import TestClient
 
-    from eval.serve import Limits, SearchService, create_app
+    from contrastive.eval.serve import Limits, SearchService, create_app
 
     root = tmp_path_factory.mktemp("serve")
     model, index = build_index(root, synthetic_data["val"])
@@ -101,7 +101,7 @@ def test_an_uploaded_image_ranks_as_the_same_file_on_the_command_line(served, tm
 
 def test_term_weights_against_a_composition_by_hand(served):
     """plus/minus weights multiply their texts: normalise(text + 0.3 green - 1.7 blue), ranked in numpy."""
-    from eval.search import encode_texts
+    from contrastive.eval.search import encode_texts
 
     service = served["service"]
     query = {"text": "a circle", "plus": [{"text": "green", "weight": 0.3}],
@@ -119,7 +119,7 @@ def test_term_weights_against_a_composition_by_hand(served):
 def test_caption_search_uses_the_text_index(served, tmp_path):
     """modality text: the captions nearest the query, in the order of the stored caption embeddings' cosines,
     as `contrastive search --modality text` returns them; an image query may return its own caption."""
-    from eval.embed import read_embeddings
+    from contrastive.eval.embed import read_embeddings
 
     service = served["service"]
     _, text, meta = read_embeddings(served["index"])
@@ -137,7 +137,7 @@ def test_caption_search_uses_the_text_index(served, tmp_path):
 
 def test_images_come_from_their_recorded_offsets(served, monkeypatch):
     """Every indexed image's bytes equal its tar member's; serving one opens no tar file (no scan)."""
-    from eval.image_store import ImageStore
+    from contrastive.eval.image_store import ImageStore
 
     service, client = served["service"], served["client"]
     store = ImageStore(served["index"], service.gallery.params.count)
@@ -161,7 +161,7 @@ def test_a_changed_shard_is_not_read(served, tmp_path):
     """An image whose shard has another size than when it was indexed is a 404, never other bytes."""
     import shutil
 
-    from eval.image_store import LOCATIONS_FILE, ImageStore
+    from contrastive.eval.image_store import LOCATIONS_FILE, ImageStore
 
     copy = tmp_path / "index"
     shutil.copytree(served["index"], copy)
@@ -252,8 +252,8 @@ def test_a_caption_query_on_an_index_without_captions(served, tmp_path):
 
     from fastapi.testclient import TestClient
 
-    from eval.index import TEXT_INDEX_FILE
-    from eval.serve import SearchService, create_app
+    from contrastive.eval.index import TEXT_INDEX_FILE
+    from contrastive.eval.serve import SearchService, create_app
 
     copy = tmp_path / "index"
     shutil.copytree(served["index"], copy)
@@ -267,7 +267,7 @@ def test_a_caption_query_on_an_index_without_captions(served, tmp_path):
 def test_token(served):
     from fastapi.testclient import TestClient
 
-    from eval.serve import TOKEN_COOKIE, create_app
+    from contrastive.eval.serve import TOKEN_COOKIE, create_app
 
     client = TestClient(create_app(served["service"], token="s3cret/+="))
     for method, path, kwargs in (("get", "/info", {}), ("post", "/search", {"json": {"text": "red"}}),
@@ -333,8 +333,8 @@ def test_locations_of_repeated_keys_skipped_samples_and_compressed_shards(tmp_pa
     and a gzip-compressed shard gives no location rather than a wrong one."""
     import gzip
 
-    from eval.embed import IMAGE_KEYS
-    from eval.image_store import record_locations
+    from contrastive.eval.embed import IMAGE_KEYS
+    from contrastive.eval.image_store import record_locations
 
     def write_tar(path, members):
         with tarfile.open(path, "w") as tar:

@@ -106,7 +106,7 @@ def metadata(index: Path):
 
 def image_of(index: Path, key: str, out: Path) -> Path:
     """The indexed image's bytes, from its shard (as a user's file would be)."""
-    from eval.image_store import LOCATIONS_FILE
+    from contrastive.eval.image_store import LOCATIONS_FILE
 
     import pandas as pd
 

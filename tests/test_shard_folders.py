@@ -72,7 +72,7 @@ def test_training_reads_every_sample_of_a_folder_once_per_epoch(folder):
 
 
 def test_index_of_an_img2dataset_folder(folder, tmp_path, capsys):
-    from eval.embed import read_embeddings
+    from contrastive.eval.embed import read_embeddings
     from tests.test_search import save_random_model
 
     model = save_random_model(tmp_path / "model", "tiny-vit-32")

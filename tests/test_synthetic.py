@@ -7,7 +7,7 @@ import tarfile
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_prep.synthetic import COLORS, SHAPES, generate
+from contrastive.data_prep.synthetic import COLORS, SHAPES, generate
 
 
 def _digest(path):

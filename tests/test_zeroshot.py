@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from contrastive.errors import UserError
-from eval.zeroshot import classification_metrics, evaluate, load_templates
+from contrastive.eval.zeroshot import classification_metrics, evaluate, load_templates
 
 
 def test_metrics_on_hand_built_logits():
@@ -60,7 +60,7 @@ def _tokenize(texts):
 def test_evaluate_end_to_end_on_a_known_answer(tmp_path):
     from PIL import Image
 
-    from eval.zeroshot import LabelledImages
+    from contrastive.eval.zeroshot import LabelledImages
 
     colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
     for name, rgb in colours.items():
@@ -89,7 +89,7 @@ def test_templates_need_the_placeholder(tmp_path):
 # ---------------------------------------------------------------- class names, templates, CLIP_benchmark sets
 
 def test_classnames_and_templates_from_clip_benchmark_json(tmp_path):
-    from eval.zeroshot import load_classnames
+    from contrastive.eval.zeroshot import load_classnames
 
     names = tmp_path / "en_classnames.json"
     names.write_text(json.dumps({"cifar10": ["airplane", "car"], "mnist": ["0", "1"]}))
@@ -110,7 +110,7 @@ def test_classnames_and_templates_from_clip_benchmark_json(tmp_path):
 
 def test_per_class_prompt_lists(tmp_path):
     """CuPL-style {class: [prompts]}: each class is the mean of its own prompts, which need no {c}."""
-    from eval.zeroshot import class_embeddings
+    from contrastive.eval.zeroshot import class_embeddings
 
     path = tmp_path / "cupl.json"
     path.write_text(json.dumps({"red": ["something red", "a red thing"], "blue": ["the blue one"],
@@ -145,7 +145,7 @@ def _clip_benchmark_set(root, colours):
 def test_clip_benchmark_webdataset_folder(tmp_path):
     import torchvision.transforms.functional as TF
 
-    from eval.zeroshot import LabelledImages, resolve_data
+    from contrastive.eval.zeroshot import LabelledImages, resolve_data
 
     colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
     _clip_benchmark_set(tmp_path / "wds_colours", colours)
@@ -165,7 +165,7 @@ def test_predict_gives_softmax_probabilities_of_the_model_scale(tmp_path):
     import torchvision.transforms.functional as TF
     from PIL import Image
 
-    from eval.zeroshot import predict
+    from contrastive.eval.zeroshot import predict
 
     model = _ColourModel()
     model.logit_scale = nn.Parameter(torch.tensor([2.0]))  # exp(2) ~ 7.39
@@ -183,7 +183,7 @@ def test_predict_gives_softmax_probabilities_of_the_model_scale(tmp_path):
 
 
 def test_confusion_matrix_counts():
-    from eval.plots import confusion_matrix
+    from contrastive.eval.plots import confusion_matrix
 
     m = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
     assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
