@@ -31,15 +31,21 @@ class DataConfig:
     # Shard specs: brace expansion allowed, several sources joined with '::'; a folder stands for the .tar shards
     # in it (img2dataset's output folder).
     train: str = ""
+    # Validation shards: recorded in the resolved config and an export's model card; training reads none
+    # (each evaluator names its own data).
     val: str = ""
     # Share of training samples drawn from each '::' source of `train` (resampled mode only), normalised;
     # empty: sources in proportion to their sizes (every sample equally likely).
     train_weights: list[float] = field(default_factory=list)
     # Resampled: infinite stream drawn with replacement. False: epoch-exact, every sample once per epoch.
     resampled: bool = True
+    # DataLoader worker processes per rank (0: load in the training process).
     num_workers: int = 2
+    # Samples held in the shuffle buffer that mixes samples within a block of whole shards.
     shuffle_buffer: int = 1000
+    # Sample keys (file extensions in a shard) tried in turn for the image, ';'-separated.
     image_key: str = "jpg;jpeg;png;webp"
+    # Sample key of the caption.
     caption_key: str = "txt"
     # Per-rank prefetch factor for the DataLoader (batches per worker kept ready).
     prefetch_factor: int = 4
@@ -106,6 +112,7 @@ class DataConfig:
 class ModelConfig:
     # An open_clip model config name (built-in, or one of ours under configs/models/).
     name: str = "tiny-vit-32"
+    # QuickGELU activations whatever model.name's config says (as open_clip's --force-quick-gelu; OpenAI's weights).
     force_quick_gelu: bool = False
     # FLIP patch dropout during training (fraction of patches dropped); None keeps the config's value.
     patch_dropout: Optional[float] = None
@@ -123,6 +130,7 @@ class ModelConfig:
     # torch.compile the image and text towers (in place: checkpoint keys do not change). The first steps pay
     # the compilation; compile_backend "eager" or "aot_eager" checks the tracing without generating code.
     compile: bool = False
+    # torch.compile backend of model.compile.
     compile_backend: str = "inductor"
     # Pretrained towers, from local files only (see contrastive/pretrained.py). text_pretrained: a Hugging Face
     # (or sentence-transformers) model directory that replaces model.name's text tower, through open_clip's
@@ -152,6 +160,7 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     # Also freeze BatchNorm running statistics (they stay fixed in train mode).
     lock_image_freeze_bn_stats: bool = False
+    # Lock the text tower (open_clip's --lock-text).
     lock_text: bool = False
     # Leave the last N layers of the text tower trainable.
     lock_text_unlocked_layers: int = 0
@@ -234,14 +243,21 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    # Peak learning rate of AdamW, reached after warmup_steps, then a cosine schedule.
     lr: float = 5e-4
+    # AdamW weight decay; none on gains, biases, embeddings and the logit scale.
     weight_decay: float = 0.2
+    # AdamW's first-moment decay.
     beta1: float = 0.9
+    # AdamW's second-moment decay.
     beta2: float = 0.98
+    # AdamW's epsilon.
     eps: float = 1e-6
+    # Steps of linear warmup from 0 to lr.
     warmup_steps: int = 100
     # The cosine schedule decays to lr * min_lr_ratio at train.steps.
     min_lr_ratio: float = 0.0
+    # Clip the global gradient norm to this value; 0: no clipping.
     grad_clip: float = 1.0
     # Regexes on parameter names; matching parameters are frozen (no gradient, no optimizer state), e.g.
     # ["^visual\\."] locks the image tower (LiT).
@@ -263,15 +279,19 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps of the run (the cosine schedule's length; an upper bound under fit_steps_to_time).
     steps: int = 1000
     # Global batch: summed over all ranks.
     batch_size: int = 256
+    # Save a checkpoint every this many steps (and at the end, and on preemption).
     checkpoint_every: int = 500
     # Checkpoints kept on disk; older ones are pruned.
     keep_checkpoints: int = 2
     # "", "latest", or a path to a checkpoint directory.
     resume: str = ""
+    # Seed of everything random (weights, data order, augmentation), per rank; a resume needs the same seed.
     seed: int = 0
+    # Write a metrics.jsonl record (and TensorBoard/wandb scalars) every this many steps.
     log_every: int = 10
     # Split each step's global batch into this many micro-batches per rank; negatives still span the whole
     # global batch (features are cached without grad, then recomputed per micro-batch, as in GradCache).
@@ -289,7 +309,9 @@ class TrainConfig:
     # optim.warmup_steps bends the cosine from where it stands, so the lr never jumps; measured within the
     # warmup it is the plain cosine over the planned steps.
     fit_steps_to_time: bool = False
+    # fit_steps_to_time: steps of start-up not timed.
     fit_skip_steps: int = 10
+    # fit_steps_to_time: steps timed to plan from.
     fit_measure_steps: int = 40
     # Measure every later window of fit_measure_steps steps too and fit the plan again where one moves the planned
     # end by more than fit_reserve_s / 2 (contrastive/step_plan.py): steps that speed up once a locked tower's
@@ -317,6 +339,7 @@ class TrainConfig:
     # `pip install wandb`; its project train.wandb_project, its run named as the run directory; WANDB_MODE,
     # WANDB_ENTITY and WANDB_DIR from the environment). A resumed run continues its wandb run (RUN/wandb_run.json).
     log_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Weights & Biases project when log_to names wandb.
     wandb_project: str = "contrastive"
 
     def __post_init__(self):
@@ -349,13 +372,17 @@ class TrainConfig:
 class EvaluatorConfig:
     # Plug-in name, see eval.registry (e.g. "zeroshot").
     name: str = "zeroshot"
+    # The evaluator's data (zeroshot: an ImageFolder, shards or a CLIP_benchmark folder; retrieval: a captioned set).
     data: str = ""
     # Label from this JSON field of each sample (e.g. "shape"); empty reads `.cls`.
     label_field: str = ""
+    # zeroshot: class names (empty: the data's own, e.g. a CLIP_benchmark folder's classnames.txt).
     classes: list[str] = field(default_factory=list)
+    # zeroshot: prompt templates with {c} (empty: the data's own, else the built-in default).
     templates: list[str] = field(default_factory=list)
     # Result key in metrics (defaults to name/label_field).
     tag: str = ""
+    # Evaluate on at most this many samples (0: all).
     max_samples: int = 0
 
 
@@ -363,7 +390,9 @@ class EvaluatorConfig:
 class EvalConfig:
     # Run the evaluators every N steps (0: only at the end of training).
     every: int = 0
+    # Images (and captions) per encoder batch in evaluation, per rank.
     batch_size: int = 256
+    # The plug-ins to run, each {name: zeroshot | retrieval, data: ..., ...}.
     evaluators: list[EvaluatorConfig] = field(default_factory=list)
 
 
@@ -374,6 +403,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp_bf16")
 class DeepSpeedConfig:
     """Maps onto a DeepSpeed config; the batch sizes, optimizer and clipping come from train/optim."""
 
+    # DeepSpeed ZeRO stage 0-3 (1: optimizer state, 2: + gradients, 3: + weights partitioned over ranks).
     zero_stage: int = 0
     # fp32; bf16/fp16: DeepSpeed's half-precision weights and optimizer wrappers, with fp32 master weights and
     # gradients reduced across ranks in fp32 (bf16 also accumulates micro-steps in fp32: DeepSpeed's
