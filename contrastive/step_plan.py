@@ -10,8 +10,10 @@ where it stands, so the schedule still ends with the budget.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass
 
 from contrastive.config import OptimConfig, TrainConfig
@@ -106,15 +108,20 @@ class StepTimer:
     """Seconds per step over consecutive windows of train.fit_measure_steps steps, after train.fit_skip_steps
     steps of this process (start-up, compilation, first batches). Fed at steps where the host has waited for
     the device, with the budget's elapsed seconds and the seconds spent in checkpoints and evaluations so far
-    (left out)."""
+    (left out). Each window reports the median of the last RECENT_WINDOWS windows' step times: one window slowed
+    by a passing load on the machine does not move the plan, a lasting change (a full cache) does, a window
+    later."""
+
+    RECENT_WINDOWS = 3
 
     def __init__(self, cfg: TrainConfig, *, first_step: int):
         self.skip_until = first_step + cfg.fit_skip_steps
         self.measure_steps = cfg.fit_measure_steps
         self.start: tuple[int, float] | None = None
+        self.recent: collections.deque[float] = collections.deque(maxlen=self.RECENT_WINDOWS)
 
     def observe(self, step: int, *, elapsed_s: float, overhead_s: float) -> float | None:
-        """The window's seconds per step at each step that completes a window, else None."""
+        """At each step that completes a window, the median step time of the recent windows; else None."""
         if self.start is None:
             if step >= self.skip_until:
                 self.start = (step, elapsed_s - overhead_s)
@@ -123,4 +130,5 @@ class StepTimer:
         if step - start_step < self.measure_steps:
             return None
         self.start = (step, elapsed_s - overhead_s)
-        return (elapsed_s - overhead_s - start_s) / (step - start_step)
+        self.recent.append((elapsed_s - overhead_s - start_s) / (step - start_step))
+        return statistics.median(self.recent)

@@ -237,20 +237,32 @@ def test_steps_that_get_faster_are_refitted_and_fill_the_budget(tmp_path, tiny_o
     result = train_slowly(run, _overrides(tiny_overrides, *REFIT), costs_s=FASTER_COSTS)
     assert (result.step, result.preempted) == (expected, False)
     fits = [(r["step"], r["planned_steps"], r["fit"]) for r in _records(run) if "planned_steps" in r]
-    # First fit at step 6 from the slow window (6 + 22 s / 2 s), the refit at step 10 from the fast one; the
-    # windows after it agree with the plan, so nothing more.
-    assert fits == [(6, 17, 1), (10, expected, 2)]
+    # Each window reports the median of the last three windows' step times: the first fit at step 6 from the slow
+    # window (6 + 22 s / 2 s), at step 10 from the median of 2 s and 0.5 s (10 + 20 s / 1.25 s), at step 14 from
+    # the fast steps' 0.5 s (14 + 18 s / 0.5 s); the windows after it agree with the plan, so nothing more.
+    assert fits == [(6, 17, 1), (10, 26, 2), (14, expected, 3)]
     assert _state(run)["step_plan"]["steps"] == expected and _state(run)["time_s"] <= 40
     # The cosine bends at each fit from where it stands, without a jump, and ends at its floor with the budget.
     lrs, first = _train_lrs(run), (6 - 3) / (100 - 3)
-    at_refit = first + (1 - first) * (10 - 6) / (17 - 6)
-    for step in range(10, expected + 1):
-        assert lrs[step] == pytest.approx(_lr_at(at_refit + (1 - at_refit) * (step - 10) / (expected - 10)), rel=1e-6)
-    for step in range(6, 10):
-        assert lrs[step] == pytest.approx(_lr_at(first + (1 - first) * (step - 6) / (17 - 6)), rel=1e-6)
+    second = first + (1 - first) * (10 - 6) / (17 - 6)
+    third = second + (1 - second) * (14 - 10) / (26 - 10)
+    for lo, hi, at, total, start in ((6, 10, 6, 17, first), (10, 14, 10, 26, second), (14, expected + 1, 14, expected, third)):
+        for step in range(lo, hi):
+            assert lrs[step] == pytest.approx(_lr_at(start + (1 - start) * (step - at) / (total - at)), rel=1e-6), step
     after = [lrs[s] for s in range(3, expected + 1)]
     assert all(a > b for a, b in zip(after, after[1:]))
     assert lrs[expected] == pytest.approx(LR * MIN_LR_RATIO)
+
+
+def test_one_slow_window_is_not_taken_for_the_rest_of_the_run(tmp_path, tiny_overrides, train_slowly):
+    """A passing load on the machine (one window of 3 s steps among 1 s ones): the plan gives up the seconds it
+    lost, at the recent median of 1 s a step, instead of planning the rest at 3 s and bending the cosine twice
+    (last window alone: 52 -> 24 at step 14, back to 44 at step 18)."""
+    costs = [STARTUP_STEP_S] * STARTUP_STEPS + [1.0] * 8 + [3.0] * 4 + [1.0] * 100
+    run = tmp_path / "run"
+    result = train_slowly(run, _overrides(tiny_overrides, "train.max_time_s=60", "train.steps=100"), costs_s=costs)
+    assert [(r["step"], r["planned_steps"]) for r in _records(run) if "planned_steps" in r] == [(6, 52), (14, 44)]
+    assert result.step == 44 == _steps_that_fit(costs, 60 - RESERVE_S)
 
 
 def test_without_refits_faster_steps_leave_the_budget_unused(tmp_path, tiny_overrides, train_slowly):
