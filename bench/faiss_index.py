@@ -245,7 +245,7 @@ def collections(args):
                            "Gaussian vectors normalised; queries: fresh draws")
         else:
             if bundle is None:
-                from contrastive.checkpoint import load_for_inference
+                from contrastive.loading import load_for_inference
 
                 model = trained_model(args)
                 bundle, _ = load_for_inference(model)

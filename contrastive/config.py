@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -573,16 +574,18 @@ def parse_overrides(overrides: list[str], schema: Any = None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
         key, raw = item.split("=", 1)
-        if previous is not None and previous[0] == key and previous[1] != raw:
-            # Unquoted, `data.train=d/{00000..00009}.tar` reaches us as ten adjacent overrides of one key (the
-            # shell expands braces): only the last would count, training on one shard.
-            raise ConfigError(f"{key} is given twice in a row ({previous[1]!r}, then {raw!r}): did the shell expand "
-                              f"braces? Quote the override, e.g. '{key}=data/{{00000..00009}}.tar'")
-        previous = (key, raw)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         parts = key.split(".")
         tp = _override_type(schema, parts) if schema is not None else Any
+        if (previous is not None and previous[0] == key and previous[1] != raw and _is_text(tp)
+                and re.sub(r"\d+", "#", previous[1]) == re.sub(r"\d+", "#", raw)):
+            # Unquoted, `data.train=d/{00000..00009}.tar` reaches us as ten adjacent overrides of one key that
+            # differ only in their numbers (the shell expands braces): only the last would count, training on
+            # one shard. Other repeats keep "the later wins".
+            raise ConfigError(f"{key} is given twice in a row ({previous[1]!r}, then {raw!r}): did the shell expand "
+                              f"braces? Quote the override, e.g. '{key}=data/{{00000..00009}}.tar'")
+        previous = (key, raw)
         if raw == "" or (_is_text(tp) and not (tp is not str and raw in ("null", "~"))):
             value = raw
         else:

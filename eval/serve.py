@@ -108,7 +108,7 @@ class SearchService:
 
     def __init__(self, index_dir: str | Path, *, model: str | None = None, limits: Limits | None = None,
                  concurrent_queries: int = 1, threads_per_query: int | None = None):
-        from contrastive.checkpoint import load_for_inference
+        from contrastive.loading import load_for_inference
         from contrastive.eval.image_store import ImageStore
         from contrastive.eval.index import move_to_gpu
         from contrastive.eval.search import Gallery

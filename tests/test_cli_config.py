@@ -38,6 +38,10 @@ def test_braces_the_shell_expanded_are_refused():
     with pytest.raises(ConfigError, match="did the shell expand braces"):
         load_config(None, [f"data.train=d/{i:05d}.tar" for i in range(3)])
     assert load_config(None, ["train.steps=3", "model.name=x", "train.steps=4"]).train.steps == 4  # later wins
+    # Adjacent repeats that no brace expansion makes keep "the later wins": a non-string key, other text.
+    assert load_config(None, ["train.steps=3", "train.steps=4"]).train.steps == 4
+    assert load_config(None, ["model.aug={scale: [0.5, 1.0]}", "model.aug={hflip: 0.5}"]).model.aug == {"hflip": 0.5}
+    assert load_config(None, ["model.name=tiny-vit-32", "model.name=demo-vit-48"]).model.name == "demo-vit-48"
 
 
 def test_yaml_error_names_file_line_and_column(tmp_path, capsys):

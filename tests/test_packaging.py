@@ -61,8 +61,13 @@ def test_a_bare_copy_of_the_source_tree_imports_its_own_subpackages(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_the_wheel_maps_the_folders_inside_the_package(tmp_path):
+    source = tmp_path / "src"  # a copy: setuptools builds in the source tree (build/), which stays clean
+    for name in ("contrastive", "eval", "data_prep"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(REPO)], env=_env(), capture_output=True, text=True, timeout=280)
+                           "-w", str(tmp_path), str(source)], env=_env(), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("contrastive-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

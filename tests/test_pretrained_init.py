@@ -90,9 +90,11 @@ def test_cli_prints_one_line_for_a_source_that_is_not_a_model(tmp_path, capsys, 
     from contrastive.cli import main
 
     (tmp_path / "notes.txt").write_text("not weights")
-    for spec, expected in ((tmp_path, "is not an open_clip checkpoint file"),
-                           (tmp_path / "notes.txt", "not a safetensors file or a weights-only state dict")):
-        code = main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"), *tiny_overrides, f"model.pretrained={spec}"])
+    cases = ((tmp_path, "is not an open_clip checkpoint file"),
+             (tmp_path / "notes.txt", "not a safetensors file or a weights-only state dict"))
+    for i, (spec, expected) in enumerate(cases):  # a run directory each: a used one is refused (issue 19)
+        code = main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--out", str(tmp_path / f"run{i}"),
+                     *tiny_overrides, f"model.pretrained={spec}"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and expected in err and len(err.splitlines()) == 1
 

@@ -139,6 +139,9 @@ def test_a_rank_file_missing_fails_on_every_rank_before_any_load(tmp_path, two_r
 
     run = _copy_run(two_rank_run, tmp_path / "run")
     (run / "checkpoints" / "step_00000003" / "rank_00001.json").unlink()
+    # Without its manifest (a checkpoint from before complete.json, or files that went missing on one node only)
+    # the file is not caught when `latest` is resolved: the ranks' own checks must agree.
+    (run / "checkpoints" / "step_00000003" / "complete.json").unlink()
     port = free_port()
     overrides = two_rank_run["overrides"] + ["train.steps=6", "deepspeed.zero_stage=1", "train.resume=latest",
                                              "train.dist_timeout_s=60"]
