@@ -39,9 +39,8 @@ def _field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-def _type_name(cls: type, name: str) -> str:
-    hints = typing.get_type_hints(cls)
-    text = str(hints[name]).replace("typing.", "")
+def _type_name(tp) -> str:
+    text = str(tp).replace("typing.", "")
     return text[len("<class '"):-2] if text.startswith("<class '") else text
 
 
@@ -65,15 +64,13 @@ def _escape(text: str) -> str:
 
 
 def _section(prefix: str, cls: type) -> list[str]:
-    comments = _field_comments(cls)
+    comments, hints = _field_comments(cls), typing.get_type_hints(cls)
     lines = [f"#### `{prefix}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     nested = []
     for f in dataclasses.fields(cls):
-        kind = _type_name(cls, f.name)
-        lines.append(f"| `{prefix}.{f.name}` | `{_escape(kind)}` | `{_escape(_default(f))}` | "
+        lines.append(f"| `{prefix}.{f.name}` | `{_escape(_type_name(hints[f.name]))}` | `{_escape(_default(f))}` | "
                      f"{_escape(comments.get(f.name, ''))} |")
-        inner = typing.get_args(typing.get_type_hints(cls)[f.name])
-        for arg in inner:
+        for arg in typing.get_args(hints[f.name]):
             if dataclasses.is_dataclass(arg):
                 nested.append((f"{prefix}.{f.name}[]", arg))
     for name, inner_cls in nested:

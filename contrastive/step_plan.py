@@ -99,9 +99,10 @@ def fit_steps(*, step: int, elapsed_s: float, step_time_s: float, cfg: TrainConf
 
 
 def worth_refitting(plan: StepPlan, *, planned: int, step_time_s: float, cfg: TrainConfig) -> bool:
-    """Whether to adopt `planned`: always the first time; after that when it moves the planned end by more than
-    half the reserve (smaller errors the reserve absorbs, and each refit bends the cosine once more)."""
-    return not plan.fitted_at or abs(planned - plan.steps) * step_time_s > reserve_s(cfg) / 2
+    """Whether to adopt `planned`: always the first time; after that, with train.fit_refit, when it moves the
+    planned end by more than half the reserve (smaller errors the reserve absorbs, and each refit bends the
+    cosine once more)."""
+    return not plan.fitted_at or (cfg.fit_refit and abs(planned - plan.steps) * step_time_s > reserve_s(cfg) / 2)
 
 
 class StepTimer:

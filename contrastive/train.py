@@ -371,8 +371,7 @@ def _fit_plan(plan: StepPlan, *, step: int, step_time_s: float, elapsed: float, 
     and RUN/step_plan.json. A collective: every rank calls it at the same step."""
     planned = fit_steps(step=step, elapsed_s=elapsed, step_time_s=step_time_s, cfg=cfg.train)
     planned, step_time_s = host_broadcast_object((planned, step_time_s) if world.is_main else None)
-    if plan.fitted_at and not (cfg.train.fit_refit and worth_refitting(plan, planned=planned, step_time_s=step_time_s,
-                                                                       cfg=cfg.train)):
+    if not worth_refitting(plan, planned=planned, step_time_s=step_time_s, cfg=cfg.train):
         return
     plan.fit(steps=planned, at_step=step, step_time_s=step_time_s, warmup_steps=cfg.optim.warmup_steps)
     record = {"step": step, "planned_steps": planned, "fit": plan.fits, "step_time_s": step_time_s, "time_s": elapsed,
